@@ -1,0 +1,54 @@
+"""Typed errors. Each carries the gRPC status name the ingress maps it to; the engine never imports grpc."""
+
+from __future__ import annotations
+
+__all__ = [
+    "QZoomError",
+    "InvalidInput",
+    "ImageTooLarge",
+    "NotFound",
+    "CheckpointError",
+    "Overloaded",
+]
+
+
+class QZoomError(Exception):
+    """Base class. `code` is a `grpc.StatusCode` name; `reason` a short machine-readable tag."""
+
+    code = "INTERNAL"
+    reason = "internal"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(QZoomError):
+    """The request itself is wrong: unreadable image, empty question, bad threshold or budget."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "invalid_input"
+
+
+class ImageTooLarge(QZoomError):
+    """The image exceeds the configured pixel or byte limit (decompression-bomb guard)."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "image_too_large"
+
+
+class NotFound(QZoomError):
+    code = "NOT_FOUND"
+    reason = "not_found"
+
+
+class Overloaded(QZoomError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "overloaded"
+
+
+class CheckpointError(QZoomError):
+    """A checkpoint is missing keys, has mis-shaped tensors or inconsistent Q-Zoom config keys."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "bad_checkpoint"

@@ -1,0 +1,89 @@
+"""Boxes and coordinate spaces.
+
+Spaces: `original` (pixels of the original image), `input` (pixels of the model-input image, the
+Qwen2.5-VL resize at the coarse budget), `norm1000` (0-1000 per axis, Qwen3-VL convention) and `norm1`
+(0-1 per axis). Boxes are (x1, y1, x2, y2) with the end exclusive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import InvalidInput
+
+__all__ = ["SPACES", "to_original", "from_original", "all_spaces", "grow_to_min_side", "validate_box"]
+
+SPACES = ("original", "input", "norm1000", "norm1")
+MIN_SIDE = 28  # one merged token of the model input
+
+
+def _scale(space: str, original_size, input_size) -> tuple[float, float]:
+    """(sx, sy) such that box_in_space = box_original * (sx, sy)."""
+    w0, h0 = original_size
+    if space == "original":
+        return 1.0, 1.0
+    if space == "input":
+        return input_size[0] / w0, input_size[1] / h0
+    if space == "norm1000":
+        return 1000.0 / w0, 1000.0 / h0
+    if space == "norm1":
+        return 1.0 / w0, 1.0 / h0
+    raise InvalidInput(f"unknown coordinate space {space!r}; use one of {', '.join(SPACES)}")
+
+
+def to_original(box, space: str, original_size, input_size=None) -> tuple[float, float, float, float]:
+    sx, sy = _scale(space, original_size, input_size or original_size)
+    x1, y1, x2, y2 = box
+    return x1 / sx, y1 / sy, x2 / sx, y2 / sy
+
+
+def from_original(box, space: str, original_size, input_size=None) -> tuple[float, float, float, float]:
+    sx, sy = _scale(space, original_size, input_size or original_size)
+    x1, y1, x2, y2 = box
+    return x1 * sx, y1 * sy, x2 * sx, y2 * sy
+
+
+def all_spaces(box, original_size, input_size) -> dict[str, tuple[float, float, float, float]]:
+    return {s: from_original(box, s, original_size, input_size) for s in SPACES}
+
+
+def validate_box(box) -> tuple[float, float, float, float]:
+    """Reject boxes that are not four finite numbers with x1 < x2 and y1 < y2."""
+    if len(box) != 4:
+        raise InvalidInput(f"a box has 4 numbers (x1, y1, x2, y2); got {len(box)}")
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"box coordinates must be numbers; got {list(box)!r}") from None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise InvalidInput(f"box coordinates must be finite; got {[x1, y1, x2, y2]}")
+    if x2 <= x1 or y2 <= y1:
+        raise InvalidInput(f"box is empty or inverted: need x1 < x2 and y1 < y2; got {[x1, y1, x2, y2]}")
+    return x1, y1, x2, y2
+
+
+def grow_to_min_side(x1, y1, x2, y2, width: int, height: int, min_side: int = MIN_SIDE) -> tuple[int, int, int, int]:
+    """Grow a side shorter than `min_side` symmetrically, slide it back inside the image, clamp, truncate.
+
+    Float32 arithmetic in the reference's order of operations (`get_bbox4src`), so boxes are bit-identical;
+    truncation may therefore end a box up to 1 px short of a cell edge that falls on x.9999.
+    """
+    box = torch.tensor([x1, y1, x2, y2], dtype=torch.float32)
+    for lo, hi, limit in ((0, 2, width), (1, 3, height)):
+        grow = torch.clamp(min_side - (box[hi] - box[lo]), min=0)
+        box[lo] -= grow / 2
+        box[hi] += grow / 2
+    for lo, hi in ((0, 2), (1, 3)):  # slide right / down
+        shift = -box[lo].clamp(max=0)
+        box[lo] += shift
+        box[hi] += shift
+    for lo, hi, limit in ((0, 2, width), (1, 3, height)):  # slide left / up
+        shift = (box[hi] - limit).clamp(min=0)
+        box[lo] -= shift
+        box[hi] -= shift
+    box[0::2] = box[0::2].clamp(0, width)
+    box[1::2] = box[1::2].clamp(0, height)
+    x1, y1, x2, y2 = box.long().tolist()
+    return x1, y1, x2, y2

@@ -1,0 +1,197 @@
+"""Stage 0: validate the request, decode the image, build the chat prompt and the coarse pixel input.
+
+The prompt is the checkpoint's own chat template (default system prompt) applied to `[image, question]`;
+nothing is appended unless `prompt_suffix` asks for it. Images go through the same two resizes as the
+reference evaluator: a qwen-vl-utils style pre-resize (round to multiples of 28, bicubic) and then the
+image processor's `smart_resize` to the requested pixel budget.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from .config import EngineConfig, RequestOptions
+from .errors import ImageTooLarge, InvalidInput
+from .types import Prepared, Request
+
+__all__ = ["Processor", "prepare", "load_image", "smart_resize", "resolve_options"]
+
+PATCH = 14
+MERGE = 2
+FACTOR = PATCH * MERGE  # 28 px per merged token side
+# qwen-vl-utils pre-resize bounds (4 .. 16384 tokens), applied before the processor's own resize.
+PRERESIZE_MIN, PRERESIZE_MAX = 4 * FACTOR * FACTOR, 16384 * FACTOR * FACTOR
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
+    """(height, width) rounded to multiples of `factor` with area in [min_pixels, max_pixels]."""
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+@dataclass
+class Processor:
+    """Tokenizer + image processor + chat template of one checkpoint (no video processor needed)."""
+
+    tokenizer: object
+    image_processor: object
+    chat_template: str
+
+    @classmethod
+    def load(cls, path: str) -> "Processor":
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = AutoImageProcessor.from_pretrained(path)
+        return cls(tokenizer, image_processor, _read_chat_template(path, tokenizer))
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        (out / "chat_template.jinja").write_text(self.chat_template)
+
+    def token_id(self, token: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+    def prompt_text(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def encode_image(self, image: Image.Image, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (pixel_values (patches, C*2*14*14), grid_thw (1, 3)) at the given pixel budget."""
+        out = self.image_processor(
+            images=[image], size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, return_tensors="pt"
+        )
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def prompt_ids(self, question: str, num_image_tokens: int) -> torch.Tensor:
+        """Token ids (1, L) of the chat prompt with the image placeholder expanded to Nv tokens."""
+        pad = "<|image_pad|>"
+        text = self.prompt_text(question)
+        if text.count(pad) != 1:
+            raise InvalidInput(f"the chat template must render exactly one {pad}; got {text.count(pad)}")
+        text = text.replace(pad, pad * num_image_tokens)
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return ids.long()
+
+
+def _read_chat_template(path: str, tokenizer) -> str:
+    local = Path(path)
+    if (local / "chat_template.jinja").is_file():
+        return (local / "chat_template.jinja").read_text()
+    if (local / "chat_template.json").is_file():
+        return json.loads((local / "chat_template.json").read_text())["chat_template"]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    if not local.exists():
+        # Hub id: the template ships with the processor files.
+        from huggingface_hub import hf_hub_download
+
+        for name in ("chat_template.jinja", "chat_template.json"):
+            try:
+                text = Path(hf_hub_download(path, name)).read_text()
+            except Exception:  # noqa: BLE001 - try the next file name
+                continue
+            return text if name.endswith(".jinja") else json.loads(text)["chat_template"]
+    raise InvalidInput(f"no chat template found for {path}")
+
+
+def load_image(data: Image.Image | bytes, config: EngineConfig) -> Image.Image:
+    """Decode and validate an image; returns an RGB PIL image. Raises before any model work."""
+    if isinstance(data, Image.Image):
+        image = data
+        _check_pixels(image.width, image.height, config)
+    else:
+        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+            raise InvalidInput("image is empty: send the encoded bytes of a PNG, JPEG, WebP, ... file")
+        if len(data) > config.max_image_bytes:
+            raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {config.max_image_bytes}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(bytes(data)))
+                _check_pixels(image.width, image.height, config)
+                image.load()
+        except (ImageTooLarge, InvalidInput):
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageTooLarge(f"image rejected as a decompression bomb: {e}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise InvalidInput(f"image bytes are not a readable image (truncated or corrupt?): {e}") from None
+    if image.width < 1 or image.height < 1:
+        raise InvalidInput(f"image has zero size ({image.width}x{image.height})")
+    return image.convert("RGB")
+
+
+def _check_pixels(width: int, height: int, config: EngineConfig) -> None:
+    if width < 1 or height < 1:
+        raise InvalidInput(f"image has zero size ({width}x{height})")
+    if width * height > config.max_image_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {config.max_image_pixels}"
+        )
+
+
+def resolve_options(
+    options: RequestOptions, config: EngineConfig, default_gate: float, default_roi: float
+) -> RequestOptions:
+    """Fill every `None` from the engine config; validate the result."""
+    options.validate()
+    lo = options.min_pixels or config.min_pixels
+    hi = options.max_pixels or config.max_pixels
+    zlo = options.zoom_min_pixels or config.zoom_min_pixels or lo
+    zhi = options.zoom_max_pixels or config.zoom_max_pixels or hi
+    filled = replace(
+        options,
+        gate_threshold=default_gate if options.gate_threshold is None else options.gate_threshold,
+        roi_threshold=default_roi if options.roi_threshold is None else options.roi_threshold,
+        min_pixels=min(lo, hi),
+        max_pixels=hi,
+        zoom_min_pixels=min(zlo, zhi),
+        zoom_max_pixels=zhi,
+        max_new_tokens=options.max_new_tokens or config.max_new_tokens,
+    )
+    return filled.validate()
+
+
+def preresize(image: Image.Image) -> Image.Image:
+    """qwen-vl-utils style resize the reference applies before the processor (bicubic, multiples of 28)."""
+    h, w = smart_resize(image.height, image.width, PRERESIZE_MIN, PRERESIZE_MAX)
+    if (w, h) == image.size:
+        return image
+    return image.resize((w, h), Image.Resampling.BICUBIC)
+
+
+def prepare(
+    request: Request, processor: Processor, config: EngineConfig, default_gate: float, default_roi: float
+) -> Prepared:
+    question = request.question
+    if not isinstance(question, str) or not question.strip():
+        raise InvalidInput("question is empty")
+    if len(question) > config.max_question_chars:
+        raise InvalidInput(f"question has {len(question)} characters; the limit is {config.max_question_chars}")
+    options = resolve_options(request.options, config, default_gate, default_roi)
+    original = load_image(request.image, config)
+    pixel_values, grid = processor.encode_image(preresize(original), options.min_pixels, options.max_pixels)
+    num_visual = int(grid[0].prod()) // (MERGE * MERGE)
+    input_ids = processor.prompt_ids(question + options.prompt_suffix, num_visual)
+    return Prepared(original=original, input_ids=input_ids, pixel_values=pixel_values, grid_thw=grid, options=options)
