@@ -3,8 +3,8 @@
 The attention of the last prompt token over the image tokens at a middle trunk layer, divided by the
 same attention under a generic prompt ("Write a general description of the image."), highlights what
 the question asks about rather than what every prompt looks at (sinks, salient clutter). The ratio is
-scaled to [0, 1] by its maximum and goes through the same sink mask / blur / threshold as the SD-RPN
-map, with a relative threshold (default 0.5 of the peak).
+scaled to [0, 1] by its maximum and goes through the same sink mask and blur as the SD-RPN map; the
+threshold is relative to the blurred peak (default 0.5 of it), since the map is not a probability.
 """
 
 from __future__ import annotations
@@ -30,5 +30,5 @@ def _image_attention(layer, state: CoarseState) -> torch.Tensor:
 def attention_map(model, question_state: CoarseState, generic_state: CoarseState, merged_hw) -> torch.Tensor:
     """Relative attention map (Hm, Wm) in [0, 1] read at trunk layer K (the prefix both states share)."""
     layer = model.model.language_model.layers[question_state.k]
-    ratio = _image_attention(layer, question_state) / (_image_attention(layer, generic_state) + 1e-6)
+    ratio = _image_attention(layer, question_state) / _image_attention(layer, generic_state).clamp_min(1e-12)
     return (ratio / ratio.max().clamp_min(1e-12)).view(*merged_hw)

@@ -123,7 +123,8 @@ class QZoomEngine:
             # The zoom copies the layer 0..K-1 prefix cache, so a failed zoom leaves the direct route intact.
             with _timed(timings, "rpn"):
                 prob, source = self._roi_probability(p, state, image_embeds)
-                cell_box, box = rpn.map_to_box(prob, p.options.roi_threshold, p.original.size)
+                cell_box, box = rpn.map_to_box(prob, p.options.roi_threshold, p.original.size,
+                                               relative=source == "attention")
             zoomed = self._zoom(p, state, box, cell_box, timings) if box is not None else None
             if zoomed is not None:
                 return self._result(p, state, route="zoom", gate_score=score, prob=prob, box=box,

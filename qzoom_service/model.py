@@ -25,7 +25,7 @@ from .attention_roi import DEFAULT_ATTENTION_ROI_THRESHOLD
 from .heads import QZoomBranches
 from .preprocess import Processor
 
-__all__ = ["LoadedModel", "load_model", "branch_state_from_shards", "qzoom_keys", "BRANCH_PREFIXES"]
+__all__ = ["LoadedModel", "load_model", "load_for_config", "branch_state_from_shards", "qzoom_keys", "BRANCH_PREFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +208,29 @@ def _local_revision(path: str) -> str:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:12]
+
+
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "qzoom-synth-tiny"
+
+
+def load_for_config(config) -> LoadedModel:
+    """The model an `EngineConfig` names; with `model=None` the embedded default.
+
+    The embedded default is the project's small trained model when it ships in `assets/`, otherwise a
+    tiny randomly initialised model (answers are then meaningless, and the log says so).
+    """
+    if config.model is not None:
+        return load_model(config.model, device=config.device, dtype=config.dtype,
+                          attn_implementation=config.attn_implementation)
+    if (EMBEDDED_MODEL_DIR / "config.json").is_file():
+        log.info("loading the embedded model %s", EMBEDDED_MODEL_DIR)
+        return load_model(str(EMBEDDED_MODEL_DIR), device=config.device, dtype=config.dtype,
+                          attn_implementation=config.attn_implementation)
+    from .tiny import tiny_loaded
+
+    log.warning("no --model given and no trained embedded model is packaged: using a tiny RANDOM model "
+                "(answers are meaningless; pass --model Qwen/Qwen2.5-VL-7B-Instruct or a Q-Zoom checkpoint)")
+    loaded = tiny_loaded(seed=0)
+    loaded.model.to(config.device)
+    loaded.branches.to(config.device)
+    return loaded

@@ -51,11 +51,14 @@ def blur3(prob: torch.Tensor) -> torch.Tensor:
     return F.conv2d(padded, kernel)[0, 0]
 
 
-def foreground_cells(prob: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean (Hm, Wm) foreground: sink-masked, blurred probability strictly above `threshold`."""
+def foreground_cells(prob: torch.Tensor, threshold: float, relative: bool = False) -> torch.Tensor:
+    """Boolean (Hm, Wm) foreground: sink-masked, blurred probability strictly above `threshold`.
+
+    `relative=True` compares against threshold x the blurred peak (for maps that are not probabilities).
+    """
     hm, wm = prob.shape
-    masked = prob * sink_mask(hm, wm, prob.device).to(prob.dtype)
-    return blur3(masked) > threshold
+    blurred = blur3(prob * sink_mask(hm, wm, prob.device).to(prob.dtype))
+    return blurred > (threshold * blurred.max() if relative else threshold)
 
 
 def cells_to_box(fg: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -92,9 +95,9 @@ def original_to_cell_box(box, merged_hw, original_size) -> tuple[int, int, int, 
     return cx0, cy0, cx1, cy1
 
 
-def map_to_box(prob: torch.Tensor, threshold: float, original_size):
+def map_to_box(prob: torch.Tensor, threshold: float, original_size, relative: bool = False):
     """Probability map (Hm, Wm) -> (cell box, original-pixel box), or (None, None) when nothing is above threshold."""
-    cell_box = cells_to_box(foreground_cells(prob, threshold))
+    cell_box = cells_to_box(foreground_cells(prob, threshold, relative))
     if cell_box is None:
         return None, None
     return cell_box, cell_box_to_original(cell_box, tuple(prob.shape), original_size)

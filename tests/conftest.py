@@ -27,3 +27,22 @@ def tiny_loaded(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def engine(tiny_loaded):
     return QZoomEngine(tiny_loaded, EngineConfig(max_new_tokens=8, **TINY_BUDGET))
+
+
+@pytest.fixture(scope="session")
+def plain_checkpoint(tmp_path_factory):
+    """The tiny model saved as plain Qwen2.5-VL weights: no branch tensors, no Q-Zoom config keys."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model, processor = build_tiny(seed=0)
+    ckpt = save_tiny(model, processor, tmp_path_factory.mktemp("plain") / "ckpt", layout="5.x")
+    state = {k: v for k, v in load_file(ckpt / "model.safetensors").items() if "twig" not in k and "high_res" not in k}
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((ckpt / "config.json").read_text())
+    for key in ("enable_twig", "twig_K", "twig_T", "enable_high_res", "high_res_K", "high_res_T", "reuse_src_pos",
+                "high_res_thresh", "roi_source"):
+        cfg.pop(key, None)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt

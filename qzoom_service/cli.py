@@ -1,0 +1,122 @@
+"""`qzoom` command line: `qzoom answer` runs the engine in-process on one image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import MODES, EngineConfig, RequestOptions
+from .errors import QZoomError
+
+__all__ = ["main"]
+
+log = logging.getLogger("qzoom")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (Hugging Face layout) or hub id; default: the embedded model")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32")
+    p.add_argument("--attn-implementation", choices=["sdpa", "eager"], help="default sdpa")
+    p.add_argument("--reuse-src-pos", choices=["true", "false"],
+                   help="RoI position scheme; default: the checkpoint's config.json")
+
+
+def _request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="auto: the gate decides; direct: gate forced closed; zoom: gate forced open")
+    p.add_argument("--gate-threshold", type=float, help="zoom when the gate score >= this (probability)")
+    p.add_argument("--roi-threshold", type=float, help="foreground threshold of the blurred RoI map")
+    p.add_argument("--min-pixels", type=int, help="coarse budget: minimum model-input pixels")
+    p.add_argument("--max-pixels", type=int, help="coarse budget: maximum model-input pixels")
+    p.add_argument("--zoom-min-pixels", type=int, help="zoom budget (default: the coarse budget)")
+    p.add_argument("--zoom-max-pixels", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--prompt-suffix", default="",
+                   help='appended to the question, e.g. "\\nAnswer the question using a single word or phrase."')
+
+
+def engine_config_from_args(args) -> EngineConfig:
+    reuse = None if args.reuse_src_pos is None else args.reuse_src_pos == "true"
+    return EngineConfig.from_env(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        reuse_src_pos=reuse,
+    )
+
+
+def request_options_from_args(args) -> RequestOptions:
+    return RequestOptions(
+        mode=args.mode,
+        gate_threshold=args.gate_threshold,
+        roi_threshold=args.roi_threshold,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        zoom_min_pixels=args.zoom_min_pixels,
+        zoom_max_pixels=args.zoom_max_pixels,
+        max_new_tokens=args.max_new_tokens,
+        prompt_suffix=args.prompt_suffix.encode().decode("unicode_escape"),
+    ).validate()
+
+
+def cmd_answer(args) -> int:
+    from .engine import QZoomEngine
+    from .model import load_for_config
+    from .overlay import draw_overlay
+    from .types import Request
+
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        raise SystemExit(f"qzoom answer: --image {image_path} does not exist")
+    config = engine_config_from_args(args)
+    options = request_options_from_args(args)
+    engine = QZoomEngine(load_for_config(config), config)
+    result = engine.answer([Request(image_path.read_bytes(), args.question, options)])[0]
+    if args.overlay:
+        image = engine.prepare(Request(image_path.read_bytes(), args.question, options)).original
+        draw_overlay(image, result.roi_map, result.roi_box).save(args.overlay)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        box = f" box={list(result.roi_box)}" if result.roi_box else ""
+        score = f" gate={result.gate_score:.3f}" if result.gate_score is not None else ""
+        print(result.answer)
+        print(f"[route={result.route}{score}{box} tokens={result.visual_tokens} "
+              f"{result.timings_ms['total']:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qzoom", description="Q-Zoom perception service")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    answer = sub.add_parser("answer", help="answer one question about one image, in-process")
+    answer.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    answer.add_argument("--question", required=True)
+    answer.add_argument("--json", action="store_true", help="print one JSON object")
+    answer.add_argument("--overlay", help="write the image with the RoI heat map and box to this PNG")
+    _engine_args(answer)
+    _request_args(answer)
+    answer.set_defaults(func=cmd_answer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except QZoomError as e:
+        print(f"qzoom {args.command}: {e.code}: {e.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
