@@ -3,9 +3,16 @@
     preprocess -> coarse (vision + layers 0..K-1) -> gate -> rpn (map -> box) -> zoom (crop, re-encode,
     fused prefill reusing the prefix cache) or the plain prefill -> greedy decode
 
-`answer` takes a batch. Requests are validated and decoded first (a bad one raises before any model
-work), the coarse images of the whole batch go through the vision tower in one call, and the language
-model then runs request by request (batch 1), which keeps each item bit-compatible with a single call.
+Three entry points:
+- `answer(requests)`: the whole pipeline in-process (CLI, tests, a single-deployment server).
+- `route(requests)`: the cheap half for a coarse+gate server. Direct answers are decoded here; requests
+  that need the zoom come back as a `ZoomPlan` (box, gate score, map) for a zoom server.
+- `zoom(request, plan)`: the zoom half. It rebuilds the coarse prefix from the (cached) coarse vision
+  features rather than receiving the layer 0..K-1 K/V over the network, then runs the fused prefill.
+
+Batches: requests are validated first (a bad one raises before any model work), the coarse images that
+miss the feature cache go through the vision tower in one call, and the language model then runs
+request by request (batch 1), which keeps every item identical to a single call.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -24,9 +32,21 @@ from .model import LoadedModel
 from .preprocess import prepare
 from .types import CoarseState, Prepared, Request, Result
 
-__all__ = ["QZoomEngine"]
+__all__ = ["QZoomEngine", "ZoomPlan"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZoomPlan:
+    """What the coarse pass hands to the zoom pass: small, serialisable, no tensors."""
+
+    box: tuple[int, int, int, int]  # original-image pixels
+    cell_box: tuple[int, int, int, int]  # merged-grid cells of the coarse image (for aligned positions)
+    gate_score: float | None
+    roi_map: list[list[float]] | None
+    roi_source: str  # "sd_rpn" | "attention" | "explicit"
+    timings_ms: tuple[tuple[str, float], ...] = ()
 
 
 @contextmanager
@@ -37,21 +57,20 @@ def _timed(timings: dict, name: str):
 
 
 class QZoomEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, feature_cache=None):
+        """`feature_cache`: optional object with `get_features(key)` / `put_features(key, features)` (see
+        `cache.py`); used for requests that carry an `image_id`."""
         self.loaded = loaded
         self.config = config or EngineConfig()
         self.model = loaded.model
         self.processor = loaded.processor
         self.branches = loaded.branches
-        self.reuse_src_pos = (
-            loaded.reuse_src_pos if self.config.reuse_src_pos is None else self.config.reuse_src_pos
-        )
-        self.default_gate = (
-            self.config.gate_threshold if self.config.gate_threshold is not None else loaded.default_gate_threshold
-        )
-        self.default_roi = (
-            self.config.roi_threshold if self.config.roi_threshold is not None else loaded.default_roi_threshold
-        )
+        self.feature_cache = feature_cache
+        self.reuse_src_pos = loaded.reuse_src_pos if self.config.reuse_src_pos is None else self.config.reuse_src_pos
+        gate_default, roi_default = self.config.gate_threshold, self.config.roi_threshold
+        self.default_gate = gate_default if gate_default is not None else loaded.default_gate_threshold
+        self.default_roi = roi_default if roi_default is not None else loaded.default_roi_threshold
+        self.dtype_name = str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     # -- public -------------------------------------------------------------------------------------
 
@@ -61,88 +80,125 @@ class QZoomEngine:
 
     @torch.inference_mode()
     def answer(self, requests: list[Request]) -> list[Result]:
-        if not requests:
-            return []
-        if len(requests) > self.config.max_batch_size:
-            raise InvalidInput(f"batch of {len(requests)} exceeds max_batch_size={self.config.max_batch_size}")
-        prepared, prep_ms = [], []
-        for i, request in enumerate(requests):
-            start = time.perf_counter()
-            try:
-                prepared.append(self.prepare(request))
-            except InvalidInput as e:
-                raise type(e)(f"request {i}: {e.message}" if len(requests) > 1 else e.message) from None
-            prep_ms.append((time.perf_counter() - start) * 1000.0)
-        start = time.perf_counter()
-        embeds = encode_images(
-            self.model,
-            torch.cat([p.pixel_values for p in prepared]),
-            torch.cat([p.grid_thw for p in prepared]),
-        )
-        vision_ms = (time.perf_counter() - start) * 1000.0 / len(prepared)
-        return [
-            self._answer_one(p, e, {"preprocess": ms, "vision_coarse": vision_ms})
-            for p, e, ms in zip(prepared, embeds, prep_ms)
-        ]
+        out = []
+        for p, embeds, timings in self._coarse_batch(requests):
+            state, decision = self._decide(p, embeds, timings)
+            result = self._zoom_result(p, state, decision, timings) if isinstance(decision, ZoomPlan) else None
+            out.append(result or self._direct(p, state, decision, timings))
+        return out
 
     @torch.inference_mode()
-    def answer_with_box(self, request: Request, box: tuple[float, float, float, float]) -> Result:
-        """Zoomed re-decode with an explicit box in original pixels (`ZoomRegion` with a question)."""
-        timings: dict[str, float] = {}
-        with _timed(timings, "preprocess"):
-            p = self.prepare(request)
-        with _timed(timings, "vision_coarse"):
-            (image_embeds,) = encode_images(self.model, p.pixel_values, p.grid_thw)
+    def route(self, requests: list[Request]) -> list[Result | ZoomPlan]:
+        out = []
+        for p, embeds, timings in self._coarse_batch(requests):
+            state, decision = self._decide(p, embeds, timings)
+            if isinstance(decision, ZoomPlan):
+                out.append(ZoomPlan(**{**decision.__dict__, "timings_ms": tuple(timings.items())}))
+            else:
+                out.append(self._direct(p, state, decision, timings))
+        return out
+
+    @torch.inference_mode()
+    def zoom(self, request: Request, plan: ZoomPlan) -> Result:
+        """Zoom pass for a plan from `route` (or an explicit box); rebuilds the coarse prefix first."""
+        ((p, embeds, timings),) = self._coarse_batch([request])
+        for name, ms in plan.timings_ms:
+            timings[f"coarse.{name}"] = ms
         with _timed(timings, "prefill_k"):
-            state = prefill_to_k(self.model, p, image_embeds, self.loaded.prefix_k)
+            state = prefill_to_k(self.model, p, embeds, self.loaded.prefix_k)
+        return self._zoom_result(p, state, plan, timings) or self._direct(p, state, _Direct(plan.gate_score), timings)
+
+    def plan_for_box(self, request: Request, box) -> ZoomPlan:
+        """A `ZoomPlan` for an explicit box in original pixels (clamped to the image; >= 28 px per side)."""
+        p = self.prepare(request)
         w0, h0 = p.original.size
-        int_box = (max(0, int(box[0])), max(0, int(box[1])), min(w0, int(round(box[2]))), min(h0, int(round(box[3]))))
-        cell_box = rpn.original_to_cell_box(int_box, p.merged_hw, p.original.size)
-        result = self._zoom(p, state, int_box, cell_box, timings)
-        if result is None:
+        int_box = (max(0, int(box[0])), max(0, int(box[1])), min(w0, round(box[2])), min(h0, round(box[3])))
+        if int_box[2] - int_box[0] < 28 or int_box[3] - int_box[1] < 28:
             raise InvalidInput(f"box {list(int_box)} is smaller than 28 px on a side after clamping to the image")
-        return self._result(p, state, route="zoom", gate_score=None, prob=None, box=int_box,
-                            roi_source="explicit", timings=timings, **result)
+        cell_box = rpn.original_to_cell_box(int_box, p.merged_hw, p.original.size)
+        return ZoomPlan(box=int_box, cell_box=cell_box, gate_score=None, roi_map=None, roi_source="explicit")
 
-    # -- one request ----------------------------------------------------------------------------------
+    # -- stages -------------------------------------------------------------------------------------
 
-    def _answer_one(self, p: Prepared, image_embeds: torch.Tensor, timings: dict) -> Result:
-        mode = p.options.mode
+    def _coarse_batch(self, requests: list[Request]):
+        """-> [(prepared, coarse image embeddings (Nv, D), timings)], from the cache where possible."""
+        if len(requests) > self.config.max_batch_size:
+            raise InvalidInput(f"batch of {len(requests)} exceeds max_batch_size={self.config.max_batch_size}")
+        prepared, timings = [], []
+        for i, request in enumerate(requests):
+            t: dict[str, float] = {}
+            try:
+                with _timed(t, "preprocess"):
+                    prepared.append(self.prepare(request))
+            except InvalidInput as e:
+                raise type(e)(f"request {i}: {e.message}" if len(requests) > 1 else e.message) from None
+            timings.append(t)
+        embeds = [self._cached_features(r, p) for r, p in zip(requests, prepared)]
+        missing = [i for i, e in enumerate(embeds) if e is None]
+        if missing:
+            start = time.perf_counter()
+            encoded = encode_images(
+                self.model,
+                torch.cat([prepared[i].pixel_values for i in missing]),
+                torch.cat([prepared[i].grid_thw for i in missing]),
+            )
+            share = (time.perf_counter() - start) * 1000.0 / len(missing)
+            for i, e in zip(missing, encoded):
+                embeds[i] = e
+                timings[i]["vision_coarse"] = share
+                self._store_features(requests[i], prepared[i], e)
+        for i, t in enumerate(timings):
+            t["cache_hit"] = 0.0 if i in missing else 1.0
+        return list(zip(prepared, embeds, timings))
+
+    def _feature_key(self, request: Request, p: Prepared):
+        if self.feature_cache is None or request.image_id is None:
+            return None
+        from .cache import FeatureKey
+
+        return FeatureKey(image_id=request.image_id, model_id=self.loaded.model_id,
+                          model_revision=self.loaded.revision, min_pixels=p.options.min_pixels,
+                          max_pixels=p.options.max_pixels, dtype=self.dtype_name)
+
+    def _cached_features(self, request: Request, p: Prepared) -> torch.Tensor | None:
+        key = self._feature_key(request, p)
+        if key is None:
+            return None
+        hit = self.feature_cache.get_features(key)
+        if hit is None or not torch.equal(hit.grid_thw.cpu(), p.grid_thw.cpu()):
+            return None
+        return hit.embeds.to(device=self.model.device, dtype=self.model.dtype)
+
+    def _store_features(self, request: Request, p: Prepared, embeds: torch.Tensor) -> None:
+        key = self._feature_key(request, p)
+        if key is not None:
+            from .cache import CoarseFeatures
+
+            self.feature_cache.put_features(key, CoarseFeatures(embeds=embeds.detach().cpu(), grid_thw=p.grid_thw))
+
+    def _decide(self, p: Prepared, embeds: torch.Tensor, timings: dict):
+        """Pass 1 and the gate. -> (state, ZoomPlan | _Direct)."""
         with _timed(timings, "prefill_k"):
-            state = prefill_to_k(self.model, p, image_embeds, self.loaded.prefix_k)
+            state = prefill_to_k(self.model, p, embeds, self.loaded.prefix_k)
+        mode = p.options.mode
         score, direct_hidden = None, None
         if mode == "auto":
             with _timed(timings, "gate"):
                 if self.branches.has_gate:
                     score = gate.trained_gate_score(self.branches, state)
-                else:  # confidence rule needs the direct prefill, which the direct route then reuses
+                else:  # the confidence rule needs the direct prefill, which the direct route then reuses
                     direct_hidden = decode.finish_prefill(self.model, state)
                     score = gate.confidence_gate_score(self.model.lm_head(direct_hidden))
-        want_zoom = mode == "zoom" or (mode == "auto" and score >= p.options.gate_threshold)
-        if want_zoom:
-            # The zoom copies the layer 0..K-1 prefix cache, so a failed zoom leaves the direct route intact.
-            with _timed(timings, "rpn"):
-                prob, source = self._roi_probability(p, state, image_embeds)
-                cell_box, box = rpn.map_to_box(prob, p.options.roi_threshold, p.original.size,
-                                               relative=source == "attention")
-            zoomed = self._zoom(p, state, box, cell_box, timings) if box is not None else None
-            if zoomed is not None:
-                return self._result(p, state, route="zoom", gate_score=score, prob=prob, box=box,
-                                    roi_source=source, timings=timings, **zoomed)
-            log.debug("zoom wanted but no RoI (empty map or crop < 28 px): direct answer")
-        return self._direct(p, state, score, direct_hidden, timings)
-
-    def _direct(self, p: Prepared, state: CoarseState, score, hidden, timings) -> Result:
-        if hidden is None:
-            with _timed(timings, "prefill_rest"):
-                hidden = decode.finish_prefill(self.model, state)
-        with _timed(timings, "decode"):
-            ids = decode.greedy_decode(
-                self.model, hidden, state.cache, state.positions[:, :, -1:], p.input_ids,
-                p.options.max_new_tokens, p.options.repetition_penalty,
-            )
-        return self._result(p, state, route="direct", gate_score=score, prob=None, box=None, roi_source=None,
-                            timings=timings, generated=ids, num_roi=0)
+        if mode == "direct" or (mode == "auto" and score < p.options.gate_threshold):
+            return state, _Direct(score, direct_hidden)
+        with _timed(timings, "rpn"):
+            prob, source = self._roi_probability(p, state, embeds)
+            cell_box, box = rpn.map_to_box(prob, p.options.roi_threshold, p.original.size,
+                                           relative=source == "attention")
+        if box is None or box[2] - box[0] < 28 or box[3] - box[1] < 28:
+            log.debug("zoom wanted but no usable RoI (empty map or image under 28 px): direct answer")
+            return state, _Direct(score, direct_hidden)
+        return state, ZoomPlan(box=box, cell_box=cell_box, gate_score=score, roi_map=prob.tolist(), roi_source=source)
 
     def _roi_probability(self, p: Prepared, state: CoarseState, image_embeds) -> tuple[torch.Tensor, str]:
         if self.branches.has_twig:
@@ -155,10 +211,23 @@ class QZoomEngine:
         generic_state = prefill_to_k(self.model, generic, image_embeds, state.k)
         return attention_roi.attention_map(self.model, state, generic_state, p.merged_hw), "attention"
 
-    def _zoom(self, p: Prepared, state: CoarseState, box, cell_box, timings) -> dict | None:
+    def _direct(self, p: Prepared, state: CoarseState, decision: "_Direct", timings) -> Result:
+        hidden = decision.hidden
+        if hidden is None:
+            with _timed(timings, "prefill_rest"):
+                hidden = decode.finish_prefill(self.model, state)
+        with _timed(timings, "decode"):
+            ids = decode.greedy_decode(
+                self.model, hidden, state.cache, state.positions[:, :, -1:], p.input_ids,
+                p.options.max_new_tokens, p.options.repetition_penalty,
+            )
+        return self._result(p, state, "direct", decision.gate_score, None, timings, ids, 0)
+
+    def _zoom_result(self, p: Prepared, state: CoarseState, plan: ZoomPlan, timings) -> Result | None:
+        """The zoom route, or None when the crop cannot be encoded (caller answers directly)."""
         with _timed(timings, "zoom_encode"):
             encoded = zoom.encode_crop(
-                self.processor, p.original, box, p.options.zoom_min_pixels, p.options.zoom_max_pixels
+                self.processor, p.original, plan.box, p.options.zoom_min_pixels, p.options.zoom_max_pixels
             )
             if encoded is None:
                 return None
@@ -166,27 +235,35 @@ class QZoomEngine:
             (roi_embeds,) = encode_images(self.model, pixel_values, roi_grid)
         roi_hw = (int(roi_grid[0, 1]) // 2, int(roi_grid[0, 2]) // 2)
         with _timed(timings, "zoom_prefill"):
-            zin = zoom.build_zoom_input(state, roi_embeds, p.merged_hw, roi_hw, cell_box, self.reuse_src_pos)
+            zin = zoom.build_zoom_input(state, roi_embeds, p.merged_hw, roi_hw, plan.cell_box, self.reuse_src_pos)
             hidden, cache = zoom.prefill_zoom(self.model, state, zin)
         with _timed(timings, "decode"):
             ids = decode.greedy_decode(
                 self.model, hidden, cache, zin.positions[:, :, -1:], p.input_ids,
                 p.options.max_new_tokens, p.options.repetition_penalty,
             )
-        return {"generated": ids, "num_roi": zin.num_roi}
+        return self._result(p, state, "zoom", plan.gate_score, plan, timings, ids, zin.num_roi)
 
-    def _result(self, p, state, *, route, gate_score, prob, box, roi_source, timings, generated, num_roi) -> Result:
-        timings["total"] = sum(v for k, v in timings.items() if k != "total")
+    def _result(self, p, state, route, gate_score, plan: ZoomPlan | None, timings, generated, num_roi) -> Result:
+        cache_hit = bool(timings.pop("cache_hit", 0.0))
+        timings["total"] = sum(v for k, v in timings.items() if k != "total" and not k.startswith("coarse."))
         return Result(
             answer=self.processor.tokenizer.decode(generated, skip_special_tokens=True).strip(),
             route=route,
             gate_score=gate_score,
-            roi_map=prob.tolist() if prob is not None else None,
-            roi_box=tuple(box) if box is not None else None,
+            roi_map=plan.roi_map if plan else None,
+            roi_box=tuple(plan.box) if plan else None,
             visual_tokens={"coarse": state.num_visual, "zoom": num_roi},
             generated_ids=generated,
             timings_ms=timings,
             original_size=p.original.size,
             input_size=p.input_size,
-            roi_source=roi_source,
+            roi_source=plan.roi_source if plan else None,
+            cache_hit=cache_hit,
         )
+
+
+@dataclass
+class _Direct:
+    gate_score: float | None
+    hidden: torch.Tensor | None = None

@@ -68,7 +68,9 @@ def grow_to_min_side(x1, y1, x2, y2, width: int, height: int, min_side: int = MI
     """Grow a side shorter than `min_side` symmetrically, slide it back inside the image, clamp, truncate.
 
     Float32 arithmetic in the reference's order of operations (`get_bbox4src`), so boxes are bit-identical;
-    truncation may therefore end a box up to 1 px short of a cell edge that falls on x.9999.
+    truncation may therefore end a box up to 1 px short of a cell edge that falls on x.9999. One deliberate
+    difference: where that truncation leaves a grown side at 27 px (the reference then skips the zoom
+    because the crop is under 28 px), the side is widened to 28 px inside the image.
     """
     box = torch.tensor([x1, y1, x2, y2], dtype=torch.float32)
     for lo, hi, limit in ((0, 2, width), (1, 3, height)):
@@ -86,4 +88,13 @@ def grow_to_min_side(x1, y1, x2, y2, width: int, height: int, min_side: int = MI
     box[0::2] = box[0::2].clamp(0, width)
     box[1::2] = box[1::2].clamp(0, height)
     x1, y1, x2, y2 = box.long().tolist()
+    x1, x2 = _at_least(x1, x2, width, min_side)
+    y1, y2 = _at_least(y1, y2, height, min_side)
     return x1, y1, x2, y2
+
+
+def _at_least(lo: int, hi: int, limit: int, min_side: int) -> tuple[int, int]:
+    if hi - lo >= min_side or limit < min_side:
+        return lo, hi
+    hi = min(limit, lo + min_side)
+    return hi - min_side, hi

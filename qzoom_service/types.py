@@ -21,6 +21,7 @@ class Request:
     image: Image.Image | bytes
     question: str
     options: RequestOptions = field(default_factory=RequestOptions)
+    image_id: str | None = None  # content hash of the bytes; enables the coarse-feature cache
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Result:
     original_size: tuple[int, int]  # (width, height)
     input_size: tuple[int, int]  # (width, height) of the coarse model-input image
     roi_source: str | None = None  # "sd_rpn" | "attention" | "explicit" | None
+    cache_hit: bool = False  # the coarse vision features came from the feature cache
 
     def to_json(self) -> dict:
         return {
@@ -81,6 +83,7 @@ class Result:
             "roi_box": list(self.roi_box) if self.roi_box else None,
             "roi_map": self.roi_map,
             "roi_source": self.roi_source,
+            "cache_hit": self.cache_hit,
             "visual_tokens": dict(self.visual_tokens),
             "generated_ids": list(self.generated_ids),
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
