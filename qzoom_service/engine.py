@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import attention_roi, decode, gate, rpn, zoom
+from .cache import CoarseFeatures, FeatureKey
 from .coarse import encode_images, prefill_to_k
 from .config import EngineConfig
 from .errors import InvalidInput
@@ -79,7 +80,7 @@ class QZoomEngine:
         return prepare(request, self.processor, self.config, self.default_gate, self.default_roi)
 
     @torch.inference_mode()
-    def answer(self, requests: list[Request]) -> list[Result]:
+    def answer(self, requests: list[Request | Prepared]) -> list[Result]:
         out = []
         for p, embeds, timings in self._coarse_batch(requests):
             state, decision = self._decide(p, embeds, timings)
@@ -88,7 +89,7 @@ class QZoomEngine:
         return out
 
     @torch.inference_mode()
-    def route(self, requests: list[Request]) -> list[Result | ZoomPlan]:
+    def route(self, requests: list[Request | Prepared]) -> list[Result | ZoomPlan]:
         out = []
         for p, embeds, timings in self._coarse_batch(requests):
             state, decision = self._decide(p, embeds, timings)
@@ -99,7 +100,7 @@ class QZoomEngine:
         return out
 
     @torch.inference_mode()
-    def zoom(self, request: Request, plan: ZoomPlan) -> Result:
+    def zoom(self, request: Request | Prepared, plan: ZoomPlan) -> Result:
         """Zoom pass for a plan from `route` (or an explicit box); rebuilds the coarse prefix first."""
         ((p, embeds, timings),) = self._coarse_batch([request])
         for name, ms in plan.timings_ms:
@@ -108,9 +109,9 @@ class QZoomEngine:
             state = prefill_to_k(self.model, p, embeds, self.loaded.prefix_k)
         return self._zoom_result(p, state, plan, timings) or self._direct(p, state, _Direct(plan.gate_score), timings)
 
-    def plan_for_box(self, request: Request, box) -> ZoomPlan:
+    def plan_for_box(self, request: Request | Prepared, box) -> ZoomPlan:
         """A `ZoomPlan` for an explicit box in original pixels (clamped to the image; >= 28 px per side)."""
-        p = self.prepare(request)
+        p = request if isinstance(request, Prepared) else self.prepare(request)
         w0, h0 = p.original.size
         int_box = (max(0, int(box[0])), max(0, int(box[1])), min(w0, round(box[2])), min(h0, round(box[3])))
         if int_box[2] - int_box[0] < 28 or int_box[3] - int_box[1] < 28:
@@ -120,8 +121,11 @@ class QZoomEngine:
 
     # -- stages -------------------------------------------------------------------------------------
 
-    def _coarse_batch(self, requests: list[Request]):
-        """-> [(prepared, coarse image embeddings (Nv, D), timings)], from the cache where possible."""
+    def _coarse_batch(self, requests: list[Request | Prepared]):
+        """-> [(prepared, coarse image embeddings (Nv, D), timings)], from the cache where possible.
+
+        Items may already be `Prepared` (a server validates each request before batching it).
+        """
         if len(requests) > self.config.max_batch_size:
             raise InvalidInput(f"batch of {len(requests)} exceeds max_batch_size={self.config.max_batch_size}")
         prepared, timings = [], []
@@ -129,11 +133,11 @@ class QZoomEngine:
             t: dict[str, float] = {}
             try:
                 with _timed(t, "preprocess"):
-                    prepared.append(self.prepare(request))
+                    prepared.append(request if isinstance(request, Prepared) else self.prepare(request))
             except InvalidInput as e:
                 raise type(e)(f"request {i}: {e.message}" if len(requests) > 1 else e.message) from None
             timings.append(t)
-        embeds = [self._cached_features(r, p) for r, p in zip(requests, prepared)]
+        embeds = [self._cached_features(p) for p in prepared]
         missing = [i for i, e in enumerate(embeds) if e is None]
         if missing:
             start = time.perf_counter()
@@ -146,22 +150,20 @@ class QZoomEngine:
             for i, e in zip(missing, encoded):
                 embeds[i] = e
                 timings[i]["vision_coarse"] = share
-                self._store_features(requests[i], prepared[i], e)
+                self._store_features(prepared[i], e)
         for i, t in enumerate(timings):
             t["cache_hit"] = 0.0 if i in missing else 1.0
         return list(zip(prepared, embeds, timings))
 
-    def _feature_key(self, request: Request, p: Prepared):
-        if self.feature_cache is None or request.image_id is None:
+    def _feature_key(self, p: Prepared):
+        if self.feature_cache is None or p.image_id is None:
             return None
-        from .cache import FeatureKey
-
-        return FeatureKey(image_id=request.image_id, model_id=self.loaded.model_id,
+        return FeatureKey(image_id=p.image_id, model_id=self.loaded.model_id,
                           model_revision=self.loaded.revision, min_pixels=p.options.min_pixels,
                           max_pixels=p.options.max_pixels, dtype=self.dtype_name)
 
-    def _cached_features(self, request: Request, p: Prepared) -> torch.Tensor | None:
-        key = self._feature_key(request, p)
+    def _cached_features(self, p: Prepared) -> torch.Tensor | None:
+        key = self._feature_key(p)
         if key is None:
             return None
         hit = self.feature_cache.get_features(key)
@@ -169,11 +171,9 @@ class QZoomEngine:
             return None
         return hit.embeds.to(device=self.model.device, dtype=self.model.dtype)
 
-    def _store_features(self, request: Request, p: Prepared, embeds: torch.Tensor) -> None:
-        key = self._feature_key(request, p)
+    def _store_features(self, p: Prepared, embeds: torch.Tensor) -> None:
+        key = self._feature_key(p)
         if key is not None:
-            from .cache import CoarseFeatures
-
             self.feature_cache.put_features(key, CoarseFeatures(embeds=embeds.detach().cpu(), grid_thw=p.grid_thw))
 
     def _decide(self, p: Prepared, embeds: torch.Tensor, timings: dict):

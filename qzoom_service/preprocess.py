@@ -23,7 +23,7 @@ from .config import EngineConfig, RequestOptions
 from .errors import ImageTooLarge, InvalidInput
 from .types import Prepared, Request
 
-__all__ = ["Processor", "prepare", "load_image", "smart_resize", "resolve_options"]
+__all__ = ["Processor", "prepare", "load_image", "smart_resize", "resolve_options", "input_size_for"]
 
 PATCH = 14
 MERGE = 2
@@ -194,4 +194,12 @@ def prepare(
     pixel_values, grid = processor.encode_image(preresize(original), options.min_pixels, options.max_pixels)
     num_visual = int(grid[0].prod()) // (MERGE * MERGE)
     input_ids = processor.prompt_ids(question + options.prompt_suffix, num_visual)
-    return Prepared(original=original, input_ids=input_ids, pixel_values=pixel_values, grid_thw=grid, options=options)
+    return Prepared(original=original, input_ids=input_ids, pixel_values=pixel_values, grid_thw=grid,
+                    options=options, image_id=request.image_id)
+
+
+def input_size_for(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of the model-input image for an original of this size (both resizes, no pixels)."""
+    h, w = smart_resize(height, width, PRERESIZE_MIN, PRERESIZE_MAX)
+    h, w = smart_resize(h, w, min_pixels, max_pixels)
+    return w, h

@@ -33,6 +33,7 @@ class Prepared:
     pixel_values: torch.Tensor  # (patches, C*t*p*p)
     grid_thw: torch.Tensor  # (1, 3) patch grid of the coarse image
     options: RequestOptions  # with every default filled in
+    image_id: str | None = None  # content hash, for the coarse-feature cache
 
     @property
     def merged_hw(self) -> tuple[int, int]:

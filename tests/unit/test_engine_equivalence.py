@@ -104,3 +104,35 @@ def test_batch_of_three_equals_three_single_calls(engine):
         if s.gate_score is not None:
             assert b.gate_score == pytest.approx(s.gate_score, abs=1e-5)
     assert len({r.visual_tokens["coarse"] for r in batched}) == 3  # really different image sizes
+
+
+def test_cached_coarse_features_skip_the_vision_tower_and_change_nothing(tiny_loaded, monkeypatch):
+    from qzoom_service.cache import InProcessCache
+    from qzoom_service.config import EngineConfig
+    from qzoom_service.engine import QZoomEngine
+
+    from ..helpers import TINY_BUDGET
+
+    engine = QZoomEngine(tiny_loaded, EngineConfig(max_new_tokens=6, **TINY_BUDGET), feature_cache=InProcessCache())
+    request = Request(make_image(500, 300, seed=8), "What is it?", RequestOptions(gate_threshold=0.0), image_id="abc")
+    cold = engine.answer([request])[0]
+    calls = []
+    visual = type(engine.model.model.visual)
+    original = visual.forward
+    monkeypatch.setattr(visual, "forward", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
+    warm = engine.answer([request])[0]
+    assert (cold.cache_hit, warm.cache_hit) == (False, True)
+    assert "vision_coarse" in cold.timings_ms and "vision_coarse" not in warm.timings_ms
+    assert calls == [1] * (warm.route == "zoom")  # only the RoI crop goes through the vision tower
+    assert (warm.route, warm.roi_box, warm.generated_ids) == (cold.route, cold.roi_box, cold.generated_ids)
+
+
+def test_route_then_zoom_equals_answer(engine):
+    requests = [Request(make_image(640, 480, seed=s), "Which digit?", RequestOptions(gate_threshold=g, roi_threshold=0.5))
+                for s, g in ((1, 0.0), (2, 1.0))]
+    whole = engine.answer(requests)
+    halves = engine.route(requests)
+    assert [type(h).__name__ for h in halves] == ["ZoomPlan", "Result"]
+    split = [engine.zoom(r, h) if type(h).__name__ == "ZoomPlan" else h for r, h in zip(requests, halves)]
+    for a, b in zip(whole, split):
+        assert (a.route, a.roi_box, a.generated_ids, a.gate_score) == (b.route, b.roi_box, b.generated_ids, b.gate_score)
