@@ -47,7 +47,8 @@ class ZoomPlan:
     gate_score: float | None
     roi_map: list[list[float]] | None
     roi_source: str  # "sd_rpn" | "attention" | "explicit"
-    timings_ms: tuple[tuple[str, float], ...] = ()
+    timings_ms: tuple[tuple[str, float], ...] = ()  # of the coarse pass that made the plan
+    cache_hit: bool | None = None  # whether that coarse pass found its features in the cache
 
 
 @contextmanager
@@ -82,32 +83,34 @@ class QZoomEngine:
     @torch.inference_mode()
     def answer(self, requests: list[Request | Prepared]) -> list[Result]:
         out = []
-        for p, embeds, timings in self._coarse_batch(requests):
+        for p, embeds, timings, hit in self._coarse_batch(requests):
             state, decision = self._decide(p, embeds, timings)
-            result = self._zoom_result(p, state, decision, timings) if isinstance(decision, ZoomPlan) else None
-            out.append(result or self._direct(p, state, decision, timings))
+            result = self._zoom_result(p, state, decision, timings, hit) if isinstance(decision, ZoomPlan) else None
+            out.append(result or self._direct(p, state, decision, timings, hit))
         return out
 
     @torch.inference_mode()
     def route(self, requests: list[Request | Prepared]) -> list[Result | ZoomPlan]:
         out = []
-        for p, embeds, timings in self._coarse_batch(requests):
+        for p, embeds, timings, hit in self._coarse_batch(requests):
             state, decision = self._decide(p, embeds, timings)
             if isinstance(decision, ZoomPlan):
-                out.append(ZoomPlan(**{**decision.__dict__, "timings_ms": tuple(timings.items())}))
+                out.append(ZoomPlan(**{**decision.__dict__, "timings_ms": tuple(timings.items()), "cache_hit": hit}))
             else:
-                out.append(self._direct(p, state, decision, timings))
+                out.append(self._direct(p, state, decision, timings, hit))
         return out
 
     @torch.inference_mode()
     def zoom(self, request: Request | Prepared, plan: ZoomPlan) -> Result:
         """Zoom pass for a plan from `route` (or an explicit box); rebuilds the coarse prefix first."""
-        ((p, embeds, timings),) = self._coarse_batch([request])
+        ((p, embeds, timings, hit),) = self._coarse_batch([request])
         for name, ms in plan.timings_ms:
             timings[f"coarse.{name}"] = ms
+        hit = hit if plan.cache_hit is None else plan.cache_hit
         with _timed(timings, "prefill_k"):
             state = prefill_to_k(self.model, p, embeds, self.loaded.prefix_k)
-        return self._zoom_result(p, state, plan, timings) or self._direct(p, state, _Direct(plan.gate_score), timings)
+        return (self._zoom_result(p, state, plan, timings, hit)
+                or self._direct(p, state, _Direct(plan.gate_score), timings, hit))
 
     def plan_for_box(self, request: Request | Prepared, box) -> ZoomPlan:
         """A `ZoomPlan` for an explicit box in original pixels (clamped to the image; >= 28 px per side)."""
@@ -122,7 +125,7 @@ class QZoomEngine:
     # -- stages -------------------------------------------------------------------------------------
 
     def _coarse_batch(self, requests: list[Request | Prepared]):
-        """-> [(prepared, coarse image embeddings (Nv, D), timings)], from the cache where possible.
+        """-> [(prepared, coarse image embeddings (Nv, D), timings, cache hit)], from the cache where possible.
 
         Items may already be `Prepared` (a server validates each request before batching it).
         """
@@ -151,9 +154,8 @@ class QZoomEngine:
                 embeds[i] = e
                 timings[i]["vision_coarse"] = share
                 self._store_features(prepared[i], e)
-        for i, t in enumerate(timings):
-            t["cache_hit"] = 0.0 if i in missing else 1.0
-        return list(zip(prepared, embeds, timings))
+        hits = [i not in missing for i in range(len(prepared))]
+        return list(zip(prepared, embeds, timings, hits))
 
     def _feature_key(self, p: Prepared):
         if self.feature_cache is None or p.image_id is None:
@@ -211,7 +213,7 @@ class QZoomEngine:
         generic_state = prefill_to_k(self.model, generic, image_embeds, state.k)
         return attention_roi.attention_map(self.model, state, generic_state, p.merged_hw), "attention"
 
-    def _direct(self, p: Prepared, state: CoarseState, decision: "_Direct", timings) -> Result:
+    def _direct(self, p: Prepared, state: CoarseState, decision: "_Direct", timings, cache_hit: bool) -> Result:
         hidden = decision.hidden
         if hidden is None:
             with _timed(timings, "prefill_rest"):
@@ -221,9 +223,9 @@ class QZoomEngine:
                 self.model, hidden, state.cache, state.positions[:, :, -1:], p.input_ids,
                 p.options.max_new_tokens, p.options.repetition_penalty,
             )
-        return self._result(p, state, "direct", decision.gate_score, None, timings, ids, 0)
+        return self._result(p, state, "direct", decision.gate_score, None, timings, ids, 0, cache_hit)
 
-    def _zoom_result(self, p: Prepared, state: CoarseState, plan: ZoomPlan, timings) -> Result | None:
+    def _zoom_result(self, p: Prepared, state: CoarseState, plan: ZoomPlan, timings, cache_hit) -> Result | None:
         """The zoom route, or None when the crop cannot be encoded (caller answers directly)."""
         with _timed(timings, "zoom_encode"):
             encoded = zoom.encode_crop(
@@ -242,10 +244,10 @@ class QZoomEngine:
                 self.model, hidden, cache, zin.positions[:, :, -1:], p.input_ids,
                 p.options.max_new_tokens, p.options.repetition_penalty,
             )
-        return self._result(p, state, "zoom", plan.gate_score, plan, timings, ids, zin.num_roi)
+        return self._result(p, state, "zoom", plan.gate_score, plan, timings, ids, zin.num_roi, cache_hit)
 
-    def _result(self, p, state, route, gate_score, plan: ZoomPlan | None, timings, generated, num_roi) -> Result:
-        cache_hit = bool(timings.pop("cache_hit", 0.0))
+    def _result(self, p, state, route, gate_score, plan: ZoomPlan | None, timings, generated, num_roi,
+                cache_hit) -> Result:
         timings["total"] = sum(v for k, v in timings.items() if k != "total" and not k.startswith("coarse."))
         return Result(
             answer=self.processor.tokenizer.decode(generated, skip_special_tokens=True).strip(),

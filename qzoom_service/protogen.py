@@ -37,6 +37,8 @@ def generate(out_dir: Path | str = OUT_ROOT) -> list[Path]:
 
     protoc names imports after the proto path (`from qzoom.v1 import qzoom_pb2`), which only resolves
     with `_proto/` on sys.path; the gRPC stubs are rewritten to import through the package instead.
+    The message classes' `__module__` is rewritten the same way: Ray pickles request and response
+    messages by reference, which needs an importable module name (ray-project/ray#47347).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,10 @@ def generate(out_dir: Path | str = OUT_ROOT) -> list[Path]:
         grpc_file = pkg_dir / f"{stem}_pb2_grpc.py"
         text = grpc_file.read_text()
         grpc_file.write_text(re.sub(r"^from (qzoom\.\S+) import ", rf"from {_PACKAGE}.\1 import ", text, flags=re.M))
-        written += [pkg_dir / f"{stem}_pb2.py", pkg_dir / f"{stem}_pb2.pyi", grpc_file]
+        pb2_file = pkg_dir / f"{stem}_pb2.py"
+        module = proto[: -len(".proto")].replace("/", ".") + "_pb2"
+        pb2_file.write_text(pb2_file.read_text().replace(f"'{module}'", f"'{_PACKAGE}.{module}'"))
+        written += [pb2_file, pkg_dir / f"{stem}_pb2.pyi", grpc_file]
     return sorted(set(written))
 
 

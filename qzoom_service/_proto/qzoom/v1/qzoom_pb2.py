@@ -28,7 +28,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qzoom/v1/qzoom
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qzoom.v1.qzoom_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qzoom_service._proto.qzoom.v1.qzoom_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ANSWERRESPONSE_TIMINGSMSENTRY']._loaded_options = None
