@@ -91,6 +91,14 @@ def cmd_answer(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.run import serve_forever
+
+    serve_forever(model=args.model, redis_url=args.redis_url, grpc_port=args.grpc_port, http_port=args.http_port,
+                  host=args.host, config_path=args.config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qzoom", description="Q-Zoom perception service")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(answer)
     _request_args(answer)
     answer.set_defaults(func=cmd_answer)
+
+    serve = sub.add_parser("serve", help="start the gRPC service locally (Ray Serve) and print its address")
+    serve.add_argument("--model", help="checkpoint directory or hub id; default: the embedded model")
+    serve.add_argument("--redis-url", help="redis://host:6379/0 shares coarse features across replicas; "
+                                           "default: an in-process cache per replica")
+    serve.add_argument("--grpc-port", type=int, help="default 9000 (or the config's)")
+    serve.add_argument("--http-port", type=int, help="Ray Serve HTTP proxy port, default 8000 (or the config's)")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP proxy bind address (default 127.0.0.1)")
+    serve.add_argument("--config", help="a Ray Serve config YAML, e.g. configs/serve-gpu.yaml")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
