@@ -45,8 +45,10 @@ class _Unauthenticated(QZoomError):
     reason = "unauthenticated"
 
 
-def rpc(response_name: str):
+def rpc(response_name: str, auth: bool = True):
     """Turn typed errors into gRPC statuses; anything unexpected is logged and answered INTERNAL.
+
+    `auth=False` only for Health: load balancers and probes call it without credentials.
 
     The response type is named, not captured: generated message classes cannot be pickled by value, and
     Ray pickles the deployment class (ray-project/ray#47347).
@@ -56,7 +58,8 @@ def rpc(response_name: str):
         @functools.wraps(method)
         async def handler(self, request, grpc_context=None):
             try:
-                reason = check_api_key(grpc_context.invocation_metadata() if grpc_context else (), self.api_keys)
+                metadata = grpc_context.invocation_metadata() if grpc_context else ()
+                reason = check_api_key(metadata, self.api_keys) if auth else None
                 if reason:
                     raise _Unauthenticated(reason)
                 return await method(self, request, grpc_context)
@@ -148,7 +151,7 @@ class CoarseGate:
             self.metrics.record_result(result, "explicit", self._baseline_tokens(result))
         return response
 
-    @rpc("HealthResponse")
+    @rpc("HealthResponse", auth=False)
     async def Health(self, request, grpc_context=None):
         return pb.HealthResponse(model_loaded=True, cache_reachable=self.cache.ping(),
                                  model_id=self.engine.loaded.model_id, version=__version__,

@@ -27,7 +27,7 @@ class ServiceMetrics:
             "qzoom_baseline_visual_tokens_total",
             "Visual tokens a full-resolution baseline would have processed for the same images.",
         )
-        self.cache = metrics.Counter("qzoom_cache_requests_total", "Coarse-feature cache lookups by result.",
+        self.cache = metrics.Counter("qzoom_feature_cache_lookups_total", "Coarse-feature cache lookups by result.",
                                      tag_keys=("result",))
         self.cache_errors = metrics.Counter("qzoom_cache_errors_total", "Cache backend errors (Redis down, ...).")
         self.stage_ms = metrics.Histogram("qzoom_stage_latency_ms", "Per-stage latency in milliseconds.",
