@@ -18,7 +18,7 @@ import yaml
 from ..errors import InvalidInput
 from .app import APP_NAME, SERVICER_FUNCTION, build_app
 
-__all__ = ["serve_forever", "load_serve_config", "wait_until_healthy"]
+__all__ = ["serve_forever", "start_local", "load_serve_config", "wait_until_healthy"]
 
 log = logging.getLogger("qzoom.serve")
 
@@ -77,7 +77,7 @@ def wait_until_healthy(address: str, timeout_s: float = 300.0, application: str 
 
 
 def serve_forever(*, model=None, redis_url=None, grpc_port=None, http_port=None, host="127.0.0.1",
-                  config_path=None, ready_event: threading.Event | None = None) -> None:
+                  config_path=None) -> None:
     import ray
     from ray import serve
 
@@ -102,15 +102,8 @@ def serve_forever(*, model=None, redis_url=None, grpc_port=None, http_port=None,
     if not config_path and model is None:
         log.info("no --model: serving the embedded default model on CPU with an in-process cache")
 
-    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)
-    _check_resources(ray.cluster_resources(), deployments)
-    serve.start(http_options=http_options, grpc_options=grpc_options)
-    serve.run(build_app(args, deployments), name=APP_NAME, route_prefix=f"/{APP_NAME}", blocking=False)
-    address = f"{'127.0.0.1' if http_options['host'] in ('0.0.0.0', '::') else http_options['host']}:{grpc_options['port']}"
-    wait_until_healthy(address)
+    address = start_local(args, deployments, grpc_options, http_options)
     print(f"qzoom serving gRPC on {address} (application {APP_NAME!r}); Ctrl-C to stop", flush=True)
-    if ready_event is not None:
-        ready_event.set()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -119,6 +112,25 @@ def serve_forever(*, model=None, redis_url=None, grpc_port=None, http_port=None,
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def start_local(args: dict, deployments: dict[str, dict], grpc_options: dict | None = None,
+                http_options: dict | None = None) -> str:
+    """Start Ray (if needed), Serve and the qzoom application in this process; return the gRPC address
+    once Health answers. Used by `qzoom serve` and the benchmarks."""
+    import ray
+    from ray import serve
+
+    grpc_options = {"port": 9000, "grpc_servicer_functions": [SERVICER_FUNCTION], **(grpc_options or {})}
+    http_options = {"host": "127.0.0.1", "port": 8000, **(http_options or {})}
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)
+    _check_resources(ray.cluster_resources(), deployments)
+    serve.start(http_options=http_options, grpc_options=grpc_options)
+    serve.run(build_app(args, deployments), name=APP_NAME, route_prefix=f"/{APP_NAME}", blocking=False)
+    host = "127.0.0.1" if http_options["host"] in ("0.0.0.0", "::") else http_options["host"]
+    address = f"{host}:{grpc_options['port']}"
+    wait_until_healthy(address)
+    return address
 
 
 def _check_resources(cluster: dict, deployments: dict[str, dict]) -> None:
