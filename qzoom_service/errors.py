@@ -8,7 +8,8 @@ __all__ = [
     "ImageTooLarge",
     "NotFound",
     "CheckpointError",
-    "Overloaded",
+    "Unavailable",
+    "Unauthenticated",
 ]
 
 
@@ -42,13 +43,20 @@ class NotFound(QZoomError):
     reason = "not_found"
 
 
-class Overloaded(QZoomError):
-    code = "RESOURCE_EXHAUSTED"
-    reason = "overloaded"
-
-
 class CheckpointError(QZoomError):
     """A checkpoint is missing keys, has mis-shaped tensors or inconsistent Q-Zoom config keys."""
 
     code = "FAILED_PRECONDITION"
     reason = "bad_checkpoint"
+
+
+class Unavailable(QZoomError):
+    """A backing store the request needs (the image store) is down; retrying later may work."""
+
+    code = "UNAVAILABLE"
+    reason = "unavailable"
+
+
+class Unauthenticated(QZoomError):
+    code = "UNAUTHENTICATED"
+    reason = "unauthenticated"

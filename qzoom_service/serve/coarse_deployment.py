@@ -20,7 +20,7 @@ from ray import serve
 
 from .. import __version__
 from ..engine import ZoomPlan
-from ..errors import ImageTooLarge, InvalidInput, NotFound, QZoomError
+from ..errors import ImageTooLarge, InvalidInput, NotFound, QZoomError, Unauthenticated, Unavailable
 from ..geometry import to_original, validate_box
 from ..preprocess import input_size_for, load_image
 from ..types import Request
@@ -33,16 +33,6 @@ from .settings import AppSettings, build_engine
 __all__ = ["CoarseGate"]
 
 log = logging.getLogger("ray.serve")
-
-
-class _Unavailable(QZoomError):
-    code = "UNAVAILABLE"
-    reason = "unavailable"
-
-
-class _Unauthenticated(QZoomError):
-    code = "UNAUTHENTICATED"
-    reason = "unauthenticated"
 
 
 def rpc(response_name: str, auth: bool = True):
@@ -61,7 +51,7 @@ def rpc(response_name: str, auth: bool = True):
                 metadata = grpc_context.invocation_metadata() if grpc_context else ()
                 reason = check_api_key(metadata, self.api_keys) if auth else None
                 if reason:
-                    raise _Unauthenticated(reason)
+                    raise Unauthenticated(reason)
                 return await method(self, request, grpc_context)
             except QZoomError as e:
                 code, details = e.code, e.message
@@ -103,7 +93,7 @@ class CoarseGate:
         stored = self.cache.put_image(image_id, request.image)
         already = not stored and self.cache.get_image(image_id) is not None
         if not stored and not already:
-            raise _Unavailable("the image store is unavailable; send the image inline with each request")
+            raise Unavailable("the image store is unavailable; send the image inline with each request")
         width, height = input_size_for(*image.size, self.config.min_pixels, self.config.max_pixels)
         return pb.UploadImageResponse(image_id=image_id, width=image.width, height=image.height,
                                       input_width=width, input_height=height, already_stored=already)
