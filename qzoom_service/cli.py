@@ -99,6 +99,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.runner import default_methods, run_bench
+    from .engine import QZoomEngine
+    from .model import load_for_config
+
+    config = engine_config_from_args(args)
+    engine = QZoomEngine(load_for_config(config), config)
+    methods = default_methods(baseline_tokens=args.baseline_tokens, coarse_tokens=args.coarse_tokens,
+                              gate_thresholds=args.gate_thresholds or (None,))
+    report = run_bench(engine, split=args.split, n=args.n, seed=args.seed, methods=methods, out_dir=args.out,
+                       max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(report["methods"]))
+    else:
+        print(f"{'method':<18} {'acc_fine':>8} {'acc_coarse':>10} {'tokens':>8} {'latency_ms':>10} {'skip':>6} {'roi_hit':>7}")
+        for name, m in report["methods"].items():
+            cells = [m["accuracy_fine"], m["accuracy_coarse"], m["mean_visual_tokens"], m["mean_latency_ms"],
+                     m.get("gate_skip_rate_coarse"), m.get("roi_hit_rate_fine")]
+            text = ["-" if v is None else f"{v:.3f}" if v <= 1 else f"{v:.0f}" for v in cells]
+            print(f"{name:<18} {text[0]:>8} {text[1]:>10} {text[2]:>8} {text[3]:>10} {text[4]:>6} {text[5]:>7}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qzoom", description="Q-Zoom perception service")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -122,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="HTTP proxy bind address (default 127.0.0.1)")
     serve.add_argument("--config", help="a Ray Serve config YAML, e.g. configs/serve-gpu.yaml")
     serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="accuracy / tokens / latency on a synthetic set: baseline vs Q-Zoom")
+    bench.add_argument("--split", choices=["hr", "doc"], default="hr")
+    bench.add_argument("--n", type=int, default=40, help="number of samples")
+    bench.add_argument("--seed", type=int, default=1000, help="any seed is a held-out set")
+    bench.add_argument("--out", help="directory for results.json, pareto.png and RoI overlays")
+    bench.add_argument("--json", action="store_true", help="print one summary object, per method")
+    bench.add_argument("--baseline-tokens", type=int, nargs="+", default=[144, 576, 1024, 2304],
+                       help="token budgets of the baseline (the largest is the full-resolution baseline)")
+    bench.add_argument("--coarse-tokens", type=int, nargs="+", default=[144, 256], help="Q-Zoom coarse budgets")
+    bench.add_argument("--gate-thresholds", type=float, nargs="+", help="default: the checkpoint's")
+    bench.add_argument("--max-new-tokens", type=int, default=4)
+    _engine_args(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
