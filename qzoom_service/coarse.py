@@ -8,6 +8,7 @@ explicitly; the model's own `rope_deltas` attribute is never read, so concurrent
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .types import CoarseState, Prepared
@@ -19,6 +20,7 @@ __all__ = [
     "causal_mask",
     "run_layers",
     "prefill_to_k",
+    "prefill_batch_to_k",
     "layer_kv",
     "truncated_cache",
 ]
@@ -107,6 +109,51 @@ def prefill_to_k(model, prepared: Prepared, image_embeds: torch.Tensor, k: int) 
         image_start=start,
         num_visual=image_embeds.shape[0],
     )
+
+
+@torch.no_grad()
+def prefill_batch_to_k(model, prepared: list[Prepared], image_embeds: list[torch.Tensor], k: int) -> list[CoarseState]:
+    """Pass 1 for several prompts in one left-padded batch; returns one unpadded `CoarseState` per prompt.
+
+    Padding keys are masked out, so each row computes what `prefill_to_k` computes for it alone (up to
+    floating-point summation order); later stages then run per row on the sliced states.
+    """
+    if len(prepared) == 1:
+        return [prefill_to_k(model, prepared[0], image_embeds[0], k)]
+    lm = _lm(model)
+    device = lm.embed_tokens.weight.device
+    rows = []
+    for p, emb in zip(prepared, image_embeds):
+        ids = p.input_ids.to(device)
+        rows.append((embed_prompt(model, ids, [emb]), rope_positions(model, ids, p.grid_thw.to(device)), ids))
+    length = max(x.shape[1] for x, _, _ in rows)
+    pads = [length - x.shape[1] for x, _, _ in rows]
+    x = torch.cat([F.pad(e, (0, 0, pad, 0)) for (e, _, _), pad in zip(rows, pads)])  # (B, L, D)
+    pos = torch.cat([F.pad(q, (pad, 0)) for (_, q, _), pad in zip(rows, pads)], dim=1)  # (3, B, L)
+    cos, sin = lm.rotary_emb(x, pos)
+    mask = _padded_causal_mask(pads, length, x.dtype, device)
+    cache = DynamicCache(config=model.config.text_config)
+    h_k = run_layers(lm.layers[:k], x, mask, (cos, sin), cache)
+    states = []
+    for b, ((e, q, ids), pad, emb) in enumerate(zip(rows, pads, image_embeds)):
+        row_cache = DynamicCache(config=model.config.text_config)
+        for i in range(k):
+            keys, values = layer_kv(cache, i)
+            row_cache.update(keys[b : b + 1, :, pad:], values[b : b + 1, :, pad:], i)
+        states.append(CoarseState(
+            embeds=e, positions=q, position_embeddings=(cos[b : b + 1, pad:], sin[b : b + 1, pad:]),
+            h_k=h_k[b : b + 1, pad:], cache=row_cache, k=k,
+            image_start=int((ids[0] == model.config.image_token_id).nonzero()[0, 0]), num_visual=emb.shape[0],
+        ))
+    return states
+
+
+def _padded_causal_mask(pads: list[int], length: int, dtype, device) -> torch.Tensor:
+    """Additive (B, 1, L, L) causal mask that also hides each row's left padding."""
+    mask = causal_mask(length, length, dtype, device).repeat(len(pads), 1, 1, 1)
+    for b, pad in enumerate(pads):
+        mask[b, :, :, :pad] = torch.finfo(dtype).min
+    return mask
 
 
 def layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,9 @@ Three entry points:
   features rather than receiving the layer 0..K-1 K/V over the network, then runs the fused prefill.
 
 Batches: requests are validated first (a bad one raises before any model work), the coarse images that
-miss the feature cache go through the vision tower in one call, and the language model then runs
-request by request (batch 1), which keeps every item identical to a single call.
+miss the feature cache go through the vision tower in one call, and pass 1 (trunk layers 0..K-1) runs
+as one left-padded batch. The gate, the RPN, the zoom and decoding then run request by request, so each
+item equals a single call up to floating-point summation order.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from . import attention_roi, decode, gate, rpn, zoom
 from .cache import CoarseFeatures, FeatureKey
-from .coarse import encode_images, prefill_to_k
+from .coarse import encode_images, prefill_batch_to_k, prefill_to_k
 from .config import EngineConfig
 from .errors import InvalidInput
 from .model import LoadedModel
@@ -83,8 +84,8 @@ class QZoomEngine:
     @torch.inference_mode()
     def answer(self, requests: list[Request | Prepared]) -> list[Result]:
         out = []
-        for p, embeds, timings, hit in self._coarse_batch(requests):
-            state, decision = self._decide(p, embeds, timings)
+        for p, embeds, timings, hit, state in self._coarse_states(requests):
+            decision = self._decide(p, state, embeds, timings)
             result = self._zoom_result(p, state, decision, timings, hit) if isinstance(decision, ZoomPlan) else None
             out.append(result or self._direct(p, state, decision, timings, hit))
         return out
@@ -92,8 +93,8 @@ class QZoomEngine:
     @torch.inference_mode()
     def route(self, requests: list[Request | Prepared]) -> list[Result | ZoomPlan]:
         out = []
-        for p, embeds, timings, hit in self._coarse_batch(requests):
-            state, decision = self._decide(p, embeds, timings)
+        for p, embeds, timings, hit, state in self._coarse_states(requests):
+            decision = self._decide(p, state, embeds, timings)
             if isinstance(decision, ZoomPlan):
                 out.append(ZoomPlan(**{**decision.__dict__, "timings_ms": tuple(timings.items()), "cache_hit": hit}))
             else:
@@ -178,10 +179,18 @@ class QZoomEngine:
         if key is not None:
             self.feature_cache.put_features(key, CoarseFeatures(embeds=embeds.detach().cpu(), grid_thw=p.grid_thw))
 
-    def _decide(self, p: Prepared, embeds: torch.Tensor, timings: dict):
-        """Pass 1 and the gate. -> (state, ZoomPlan | _Direct)."""
-        with _timed(timings, "prefill_k"):
-            state = prefill_to_k(self.model, p, embeds, self.loaded.prefix_k)
+    def _coarse_states(self, requests):
+        """`_coarse_batch` plus pass 1 for the whole batch in one left-padded forward."""
+        items = self._coarse_batch(requests)
+        start = time.perf_counter()
+        states = prefill_batch_to_k(self.model, [i[0] for i in items], [i[1] for i in items], self.loaded.prefix_k)
+        share = (time.perf_counter() - start) * 1000.0 / max(1, len(items))
+        for item in items:
+            item[2]["prefill_k"] = share
+        return [(*item, state) for item, state in zip(items, states)]
+
+    def _decide(self, p: Prepared, state: CoarseState, embeds: torch.Tensor, timings: dict):
+        """The gate, then the RPN if it opens. -> ZoomPlan | _Direct."""
         mode = p.options.mode
         score, direct_hidden = None, None
         if mode == "auto":
@@ -192,15 +201,15 @@ class QZoomEngine:
                     direct_hidden = decode.finish_prefill(self.model, state)
                     score = gate.confidence_gate_score(self.model.lm_head(direct_hidden))
         if mode == "direct" or (mode == "auto" and score < p.options.gate_threshold):
-            return state, _Direct(score, direct_hidden)
+            return _Direct(score, direct_hidden)
         with _timed(timings, "rpn"):
             prob, source = self._roi_probability(p, state, embeds)
             cell_box, box = rpn.map_to_box(prob, p.options.roi_threshold, p.original.size,
                                            relative=source == "attention")
         if box is None or box[2] - box[0] < 28 or box[3] - box[1] < 28:
             log.debug("zoom wanted but no usable RoI (empty map or image under 28 px): direct answer")
-            return state, _Direct(score, direct_hidden)
-        return state, ZoomPlan(box=box, cell_box=cell_box, gate_score=score, roi_map=prob.tolist(), roi_source=source)
+            return _Direct(score, direct_hidden)
+        return ZoomPlan(box=box, cell_box=cell_box, gate_score=score, roi_map=prob.tolist(), roi_source=source)
 
     def _roi_probability(self, p: Prepared, state: CoarseState, image_embeds) -> tuple[torch.Tensor, str]:
         if self.branches.has_twig:

@@ -136,3 +136,22 @@ def test_route_then_zoom_equals_answer(engine):
     split = [engine.zoom(r, h) if type(h).__name__ == "ZoomPlan" else h for r, h in zip(requests, halves)]
     for a, b in zip(whole, split):
         assert (a.route, a.roi_box, a.generated_ids, a.gate_score) == (b.route, b.roi_box, b.generated_ids, b.gate_score)
+
+
+def test_left_padded_batch_prefill_equals_single_prefills(engine):
+    from qzoom_service.coarse import layer_kv, prefill_batch_to_k
+
+    prepared = [engine.prepare(Request(make_image(w, h, seed=w), q)) for w, h, q in
+                ((400, 300, "Short?"), (260, 700, "A much longer question about the picture?"), (640, 200, "Mid?"))]
+    assert len({p.input_ids.shape[1] for p in prepared}) == 3  # really padded
+    embeds = [encode_images(engine.model, p.pixel_values, p.grid_thw)[0] for p in prepared]
+    k = engine.loaded.prefix_k
+    with torch.inference_mode():
+        batched = prefill_batch_to_k(engine.model, prepared, embeds, k)
+        singles = [prefill_to_k(engine.model, p, e, k) for p, e in zip(prepared, embeds)]
+    for b, s in zip(batched, singles):
+        assert b.h_k.shape == s.h_k.shape and (b.image_start, b.num_visual) == (s.image_start, s.num_visual)
+        torch.testing.assert_close(b.h_k, s.h_k, atol=1e-4, rtol=0)
+        assert torch.equal(b.positions, s.positions)
+        for i in range(k):
+            torch.testing.assert_close(layer_kv(b.cache, i)[0], layer_kv(s.cache, i)[0], atol=1e-4, rtol=0)
