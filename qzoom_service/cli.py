@@ -35,6 +35,8 @@ def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zoom-min-pixels", type=int, help="zoom budget (default: the coarse budget)")
     p.add_argument("--zoom-max-pixels", type=int)
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--repetition-penalty", type=float,
+                   help="default: the checkpoint's generation_config.json (1.0 = none)")
     p.add_argument("--prompt-suffix", default="",
                    help='appended to the question, e.g. "\\nAnswer the question using a single word or phrase."')
 
@@ -60,6 +62,7 @@ def request_options_from_args(args) -> RequestOptions:
         zoom_min_pixels=args.zoom_min_pixels,
         zoom_max_pixels=args.zoom_max_pixels,
         max_new_tokens=args.max_new_tokens,
+        repetition_penalty=args.repetition_penalty,
         prompt_suffix=args.prompt_suffix.encode().decode("unicode_escape"),
     ).validate()
 

@@ -155,3 +155,14 @@ def test_left_padded_batch_prefill_equals_single_prefills(engine):
         assert torch.equal(b.positions, s.positions)
         for i in range(k):
             torch.testing.assert_close(layer_kv(b.cache, i)[0], layer_kv(s.cache, i)[0], atol=1e-4, rtol=0)
+
+
+def test_repetition_penalty_comes_from_generation_config_unless_overridden(engine):
+    assert engine.model.generation_config.repetition_penalty == 1.05
+    image = make_image(400, 300, seed=12)
+    default = engine.answer([Request(image, "Say it.", RequestOptions(mode="direct", max_new_tokens=16))])[0]
+    same = engine.answer([Request(image, "Say it.", RequestOptions(mode="direct", max_new_tokens=16,
+                                                                   repetition_penalty=1.05))])[0]
+    strong = engine.answer([Request(image, "Say it.", RequestOptions(mode="direct", max_new_tokens=16,
+                                                                     repetition_penalty=0.2))])[0]
+    assert default.generated_ids == same.generated_ids != strong.generated_ids
