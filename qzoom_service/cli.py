@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=4)
     _engine_args(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from .train.cli import add_train_subcommands
+
+    add_train_subcommands(sub)
     return parser
 
 

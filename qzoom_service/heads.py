@@ -64,13 +64,17 @@ class QZoomBranches(nn.Module):
     def released_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items()}
 
-    def gate_score(self, h_k: torch.Tensor, mask, position_embeddings) -> torch.Tensor:
-        """Probability that the coarse view is NOT enough (zoom wanted). h_k: (B, L, D) -> (B,)."""
+    def gate_logit(self, h_k: torch.Tensor, mask, position_embeddings) -> torch.Tensor:
+        """Pre-sigmoid gate output (B,), float32; what stage-3 training puts into BCE-with-logits."""
         g = h_k
         for layer in self.high_res_layers:
             g = layer(g, attention_mask=mask, position_embeddings=position_embeddings)
         # Last prompt token, no final norm (as trained).
-        return torch.sigmoid(self.high_res_head(g[:, -1]).float()).squeeze(-1)
+        return self.high_res_head(g[:, -1]).float().squeeze(-1)
+
+    def gate_score(self, h_k: torch.Tensor, mask, position_embeddings) -> torch.Tensor:
+        """Probability that the coarse view is NOT enough (zoom wanted). h_k: (B, L, D) -> (B,)."""
+        return torch.sigmoid(self.gate_logit(h_k, mask, position_embeddings))
 
     def rpn_logits(self, h_k: torch.Tensor, mask, position_embeddings, visual_index: torch.Tensor) -> torch.Tensor:
         """Query-key map of the last prompt token over the visual tokens (SD-RPN, `roi_source="qk"`).
