@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_train_subcommands
 
     add_train_subcommands(sub)
+    try:  # `qzoom ask` / `qzoom zoom` come from the light client package (installed by scripts/install.sh)
+        from qzoom_client.cli import add_client_subcommands
+    except ImportError:
+        log.debug("qzoom-client is not installed: no ask/zoom subcommands")
+    else:
+        add_client_subcommands(sub)
     return parser
 
 

@@ -1,8 +1,9 @@
-"""Regenerate the Python code for `proto/qzoom/v1/*.proto` into `qzoom_service/_proto/`.
+"""Regenerate the Python code for `proto/qzoom/v1/*.proto` into `qzoom_service/_proto/` and into the
+client package's `clients/python/qzoom_client/_proto/` (the client depends on grpcio and protobuf only).
 
 A development tool (needs grpcio-tools and a source checkout), not used at serving time:
 
-    python -m qzoom_service.protogen            # rewrite qzoom_service/_proto/qzoom/v1/ in place
+    python -m qzoom_service.protogen            # rewrite both copies in place
 
 The generated files are committed; `tests/unit/test_proto_sync.py` regenerates into a temporary
 directory and fails when they differ, i.e. when someone edited the .proto without running this.
@@ -15,12 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["PROTO_ROOT", "OUT_ROOT", "PROTO_FILES", "generate"]
+__all__ = ["PROTO_ROOT", "OUT_ROOT", "CLIENT_OUT_ROOT", "TARGETS", "PROTO_FILES", "generate"]
 
 PROTO_ROOT = Path(__file__).resolve().parent.parent / "proto"
 OUT_ROOT = Path(__file__).resolve().parent / "_proto"
+CLIENT_OUT_ROOT = PROTO_ROOT.parent / "clients" / "python" / "qzoom_client" / "_proto"
 PROTO_FILES = ("qzoom/v1/qzoom.proto",)
-_PACKAGE = "qzoom_service._proto"
+# (output directory, the Python package that directory is importable as)
+TARGETS = ((OUT_ROOT, "qzoom_service._proto"), (CLIENT_OUT_ROOT, "qzoom_client._proto"))
 
 
 def _command(out_dir: Path) -> list[str]:
@@ -32,7 +35,7 @@ def _command(out_dir: Path) -> list[str]:
     ]
 
 
-def generate(out_dir: Path | str = OUT_ROOT) -> list[Path]:
+def generate(out_dir: Path | str = OUT_ROOT, package: str = "qzoom_service._proto") -> list[Path]:
     """Run protoc into `out_dir` (the directory playing `qzoom_service/_proto`); return the files written.
 
     protoc names imports after the proto path (`from qzoom.v1 import qzoom_pb2`), which only resolves
@@ -55,14 +58,15 @@ def generate(out_dir: Path | str = OUT_ROOT) -> list[Path]:
         stem = Path(proto).stem
         grpc_file = pkg_dir / f"{stem}_pb2_grpc.py"
         text = grpc_file.read_text()
-        grpc_file.write_text(re.sub(r"^from (qzoom\.\S+) import ", rf"from {_PACKAGE}.\1 import ", text, flags=re.M))
+        grpc_file.write_text(re.sub(r"^from (qzoom\.\S+) import ", rf"from {package}.\1 import ", text, flags=re.M))
         pb2_file = pkg_dir / f"{stem}_pb2.py"
         module = proto[: -len(".proto")].replace("/", ".") + "_pb2"
-        pb2_file.write_text(pb2_file.read_text().replace(f"'{module}'", f"'{_PACKAGE}.{module}'"))
+        pb2_file.write_text(pb2_file.read_text().replace(f"'{module}'", f"'{package}.{module}'"))
         written += [pb2_file, pkg_dir / f"{stem}_pb2.pyi", grpc_file]
     return sorted(set(written))
 
 
 if __name__ == "__main__":
-    for path in generate():
-        print(path)
+    for target, package in TARGETS:
+        for path in generate(target, package):
+            print(path)

@@ -21,10 +21,11 @@ def _generated(root: Path) -> dict[str, bytes]:
             and "__pycache__" not in p.parts}
 
 
-def test_committed_generated_code_matches_the_proto(tmp_path):
+@pytest.mark.parametrize("target,package", protogen.TARGETS, ids=["service", "client"])
+def test_committed_generated_code_matches_the_proto(tmp_path, target, package):
     pytest.importorskip("grpc_tools", reason="grpcio-tools (the `test` extra) regenerates the code")
-    protogen.generate(tmp_path)
-    fresh, committed = _generated(tmp_path), _generated(protogen.OUT_ROOT)
+    protogen.generate(tmp_path, package)
+    fresh, committed = _generated(tmp_path), _generated(target)
     assert sorted(fresh) == sorted(committed), "generated file set differs: run `python -m qzoom_service.protogen`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     tools = importlib.metadata.version("grpcio-tools")

@@ -1,0 +1,72 @@
+"""A newcomer's path: `qzoom serve` (the real command, embedded default) then `qzoom ask` / `qzoom zoom`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ..helpers import make_image
+
+QZOOM = [sys.executable, "-m", "qzoom_service.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    grpc_port, http_port = _free_port(), _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(QZOOM + ["serve", "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "qzoom serving gRPC on" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"qzoom serve did not become ready:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        assert f"127.0.0.1:{grpc_port}" in log.read_text() and "tiny RANDOM model" in log.read_text()
+        yield f"127.0.0.1:{grpc_port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
+def _run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(QZOOM + list(args), capture_output=True, text=True, timeout=180)
+
+
+def test_ask_and_zoom_against_qzoom_serve(served, tmp_path):
+    image = tmp_path / "photo.png"
+    make_image(640, 480, seed=31).save(image)
+    ask = _run("ask", "--addr", served, "--image", str(image), "--question", "What colour is it?", "--json")
+    assert ask.returncode == 0, ask.stderr
+    answer = json.loads(ask.stdout)
+    assert answer["route"] in ("direct", "zoom") and len(answer["image_id"]) == 64
+    assert answer["visual_tokens"]["coarse"] > 0 and "cache_hit" in answer
+    crop = tmp_path / "crop.png"
+    zoom = _run("zoom", "--addr", served, "--image", str(image), "--box", "0,0,500,500", "--space", "norm1000",
+                "--question", "What digit?", "--out", str(crop), "--json")
+    assert zoom.returncode == 0, zoom.stderr
+    z = json.loads(zoom.stdout)
+    assert z["box"]["original"] == [0, 0, 320, 240] and Image.open(crop).size == (320, 240)
+    assert z["answer"] is not None and z["visual_tokens"]["zoom"] > 0
+    missing = _run("ask", "--addr", served, "--image", "f" * 64, "--question", "q")
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr

@@ -1,0 +1,133 @@
+"""qzoom-client against an in-process gRPC server with scripted answers: conversions, retries, auth
+metadata, the image-or-id rule, the CLI's JSON, and coordinates identical to the server's."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qzoom_client import QZoomClient, QZoomClientError, coords
+from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
+from qzoom_client._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
+from qzoom_client.cli import main as client_main
+
+from qzoom_service import geometry
+from qzoom_service.preprocess import input_size_for
+
+ID = "ab" * 32
+
+
+class Scripted(pb_grpc.QZoomServiceServicer):
+    """Fails the first `failures` calls with `code`, then answers; records what it received."""
+
+    def __init__(self):
+        self.failures, self.code, self.calls, self.metadata, self.requests = 0, grpc.StatusCode.UNAVAILABLE, 0, [], []
+        self.lock = threading.Lock()
+
+    def _gate(self, request, context):
+        with self.lock:
+            self.calls += 1
+            self.metadata.append(dict(context.invocation_metadata()))
+            self.requests.append(request)
+            if self.calls <= self.failures:
+                context.abort(self.code, f"scripted failure {self.calls}")
+
+    def Answer(self, request, context):
+        self._gate(request, context)
+        box = pb.BoxSet(original=pb.Box(x1=10, y1=20, x2=110, y2=220), norm1000=pb.Box(x1=25, y1=50, x2=275, y2=550))
+        return pb.AnswerResponse(answer="red", route=pb.ROUTE_ZOOM, gate_score=0.75, roi_box=box,
+                                 roi_map=pb.RoiMap(rows=2, cols=3, values=[0, 0.25, 0.5, 0.75, 1, 0]),
+                                 visual_tokens=pb.VisualTokens(coarse=6, zoom=4), timings_ms={"total": 5.0},
+                                 cache_hit=True, image_id=ID, generated_ids=[1, 2], roi_source="sd_rpn")
+
+    def ZoomRegion(self, request, context):
+        self._gate(request, context)
+        box = pb.Box(x1=1, y1=2, x2=3, y2=4)
+        return pb.ZoomRegionResponse(crop_png=b"\x89PNG", box=pb.BoxSet(original=box, input=box, norm1000=box,
+                                                                        norm1=box),
+                                     crop_id="crop-1", crop_width=2, crop_height=2, image_id=ID)
+
+
+@pytest.fixture()
+def server():
+    servicer = Scripted()
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_QZoomServiceServicer_to_server(servicer, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield servicer, f"127.0.0.1:{port}"
+    srv.stop(0)
+
+
+def test_answer_result_converts_every_field(server):
+    servicer, addr = server
+    with QZoomClient(addr, api_key="k1") as qz:
+        result = qz.answer(b"png-bytes", "What colour?", mode="zoom", roi_threshold=0.3)
+    assert result.to_json() == {
+        "answer": "red", "route": "zoom", "gate_score": 0.75, "roi_box": [10, 20, 110, 220],
+        "roi_box_norm1000": [25, 50, 275, 550], "roi_map": [[0, 0.25, 0.5], [0.75, 1, 0]], "roi_source": "sd_rpn",
+        "visual_tokens": {"coarse": 6, "zoom": 4}, "generated_ids": [1, 2], "timings_ms": {"total": 5.0},
+        "image_id": ID, "cache_hit": True}
+    sent = servicer.requests[0]
+    assert sent.image == b"png-bytes" and sent.options.mode == pb.MODE_ZOOM
+    assert sent.options.HasField("roi_threshold") and not sent.options.HasField("gate_threshold")
+    assert servicer.metadata[0]["authorization"] == "Bearer k1"
+
+
+def test_unavailable_is_retried_and_other_errors_are_not(server):
+    servicer, addr = server
+    servicer.failures = 2
+    with QZoomClient(addr, retries=3, backoff_s=0.01) as qz:
+        assert qz.answer(ID, "q").answer == "red"
+    assert servicer.calls == 3 and servicer.requests[0].image_id == ID
+    servicer.calls, servicer.failures, servicer.code = 0, 5, grpc.StatusCode.INVALID_ARGUMENT
+    with QZoomClient(addr, retries=3, backoff_s=0.01) as qz, pytest.raises(QZoomClientError) as err:
+        qz.answer(ID, "q")
+    assert servicer.calls == 1 and err.value.code == "INVALID_ARGUMENT" and "scripted failure" in err.value.details
+
+
+def test_image_or_id_rule(tmp_path):
+    with QZoomClient("127.0.0.1:1") as qz:
+        with pytest.raises(QZoomClientError, match="neither an image file nor an image id"):
+            qz.answer("not-a-file.png", "q")
+        with pytest.raises(QZoomClientError, match="not an image id"):
+            qz.upload_image(ID)
+
+
+def test_cli_prints_the_documented_json(server, tmp_path, capsys):
+    servicer, addr = server
+    image = tmp_path / "img.png"
+    image.write_bytes(b"fake")
+    assert client_main(["ask", "--addr", addr, "--image", str(image), "--question", "q", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"answer", "route", "gate_score", "roi_box", "roi_map", "visual_tokens", "generated_ids", "timings_ms",
+            "image_id", "cache_hit"} <= set(out)
+    crop = tmp_path / "crop.png"
+    assert client_main(["zoom", "--addr", addr, "--image", ID, "--box", "0,0,0.5,0.5", "--space", "norm1",
+                        "--out", str(crop), "--json"]) == 0
+    z = json.loads(capsys.readouterr().out)
+    assert crop.read_bytes() == b"\x89PNG" and set(z["box"]) == {"original", "input", "norm1000", "norm1"}
+    assert servicer.requests[-1].space == pb.COORD_SPACE_NORM1
+    servicer.failures, servicer.code = 99, grpc.StatusCode.NOT_FOUND
+    assert client_main(["ask", "--addr", addr, "--image", ID, "--question", "q"]) == 2
+    assert "qzoom ask: NOT_FOUND" in capsys.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 8000), st.integers(1, 8000), st.integers(4, 2000), st.integers(0, 3000),
+       st.sampled_from(coords.SPACES))
+def test_client_coordinates_equal_the_servers(width, height, lo, extra, space):
+    budget = (lo * 784, (lo + extra) * 784)
+    assert coords.input_size_for(width, height, *budget) == input_size_for(width, height, *budget)
+    size, input_size = (width, height), coords.input_size_for(width, height, *budget)
+    box = (0.1 * width, 0.2 * height, 0.7 * width, 0.9 * height)
+    assert coords.from_original(box, space, size, input_size) == pytest.approx(
+        list(geometry.from_original(box, space, size, input_size)))
+    assert coords.to_original(coords.from_original(box, space, size, input_size), space, size, input_size) == \
+        pytest.approx(list(box))
