@@ -10,6 +10,7 @@ __all__ = [
     "CheckpointError",
     "Unavailable",
     "Unauthenticated",
+    "LimitExceeded",
 ]
 
 
@@ -60,3 +61,10 @@ class Unavailable(QZoomError):
 class Unauthenticated(QZoomError):
     code = "UNAUTHENTICATED"
     reason = "unauthenticated"
+
+
+class LimitExceeded(QZoomError):
+    """A per-handle quota is used up (e.g. crops per image)."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "limit_exceeded"

@@ -13,10 +13,12 @@ import torch
 
 from .errors import InvalidInput
 
-__all__ = ["SPACES", "to_original", "from_original", "all_spaces", "grow_to_min_side", "validate_box"]
+__all__ = ["SPACES", "to_original", "from_original", "all_spaces", "grow_to_min_side", "validate_box", "fit_crop_box",
+           "MAX_ASPECT_RATIO"]
 
 SPACES = ("original", "input", "norm1000", "norm1")
 MIN_SIDE = 28  # one merged token of the model input
+MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's image processor refuses longer/thinner images
 
 
 def _scale(space: str, original_size, input_size) -> tuple[float, float]:
@@ -98,3 +100,26 @@ def _at_least(lo: int, hi: int, limit: int, min_side: int) -> tuple[int, int]:
         return lo, hi
     hi = min(limit, lo + min_side)
     return hi - min_side, hi
+
+
+def fit_crop_box(box, size, min_side: int = MIN_SIDE, max_aspect: float = MAX_ASPECT_RATIO):
+    """An explicit zoom box (original pixels, floats) -> the int box actually cropped.
+
+    Clamped to the image; a side shorter than `min_side` grows around its centre (sliding back inside the
+    image); an aspect ratio beyond `max_aspect` is refused. Messages say what to send instead, since agents
+    feed them back to the model.
+    """
+    w0, h0 = size
+    x1, y1 = max(0, int(box[0])), max(0, int(box[1]))
+    x2, y2 = min(w0, round(box[2])), min(h0, round(box[3]))
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        raise InvalidInput(
+            f"box {[round(v, 2) for v in box]} lies outside the {w0}x{h0} image; send x1 < x2 <= {w0} and "
+            f"y1 < y2 <= {h0} in original pixels (or use norm1000 / norm1 coordinates)"
+        )
+    x1, y1, x2, y2 = grow_to_min_side(x1, y1, x2, y2, w0, h0, min_side)
+    ratio = max(x2 - x1, y2 - y1) / min(x2 - x1, y2 - y1)
+    if ratio > max_aspect:
+        raise InvalidInput(f"box {[x1, y1, x2, y2]} has an aspect ratio of {ratio:.0f}; the limit is {max_aspect}: "
+                           "send a less elongated region")
+    return x1, y1, x2, y2

@@ -20,8 +20,9 @@ from ray import serve
 
 from .. import __version__
 from ..engine import ZoomPlan
-from ..errors import ImageTooLarge, InvalidInput, NotFound, QZoomError, Unauthenticated, Unavailable
-from ..geometry import to_original, validate_box
+from ..errors import (ImageTooLarge, InvalidInput, LimitExceeded, NotFound, QZoomError, Unauthenticated,
+                      Unavailable)
+from ..geometry import fit_crop_box, to_original, validate_box
 from ..preprocess import input_size_for, load_image
 from ..types import Request
 from .._proto.qzoom.v1 import qzoom_pb2 as pb
@@ -123,7 +124,7 @@ class CoarseGate:
             box = self._box_in_crop(request.crop_id, image_id, box, space)
         else:
             box = to_original(box, space, size, self._input_size(size))
-        box = self._clamp(box, size)
+        box = fit_crop_box(box, size)
         crop = image.crop(box)
         crop_id = self._remember_crop(image_id, box)
         response = pb.ZoomRegionResponse(
@@ -177,17 +178,23 @@ class CoarseGate:
         w, h = input_size_for(*result.original_size, 4 * 784, 16384 * 784)
         return (w // 28) * (h // 28)
 
-    def _clamp(self, box, size) -> tuple[int, int, int, int]:
-        w0, h0 = size
-        x1, y1 = max(0, int(box[0])), max(0, int(box[1]))
-        x2, y2 = min(w0, round(box[2])), min(h0, round(box[3]))
-        if x2 - x1 < 1 or y2 - y1 < 1:
-            raise InvalidInput(f"box {list(box)} lies outside the {w0}x{h0} image")
-        return x1, y1, x2, y2
-
     def _remember_crop(self, image_id: str, box) -> str:
+        """Store the crop's handle; refuse a new crop past `max_crops_per_image` for this image.
+
+        The count lives in the cache next to the handles (read-modify-write: concurrent calls may overshoot
+        by a few; with the in-process cache it is per replica).
+        """
         crop_id = "crop-" + hashlib.sha256(f"{image_id}:{list(box)}".encode()).hexdigest()[:24]
+        if self.cache.get_blob(crop_id) is not None:
+            return crop_id
+        count_key = f"crop-count-{image_id}"
+        count = int(self.cache.get_blob(count_key) or b"0")
+        limit = self.settings.max_crops_per_image
+        if count >= limit:
+            raise LimitExceeded(f"this image already has {count} crops (the limit is {limit}); zoom into an "
+                                "existing crop_id or answer from what you have")
         self.cache.put_blob(crop_id, json.dumps({"image_id": image_id, "box": list(box)}).encode())
+        self.cache.put_blob(count_key, str(count + 1).encode())
         return crop_id
 
     def _box_in_crop(self, crop_id: str, image_id: str, box, space: str):

@@ -88,7 +88,8 @@ def service(tiny_checkpoint):
                 "max_image_pixels": 20_000_000, **TINY_BUDGET}
         small = {"ray_actor_options": {"num_cpus": 0.25}}
         apps = {
-            "main": ({**base, "redis_url": "redis://127.0.0.1:6379/15", "cache_prefix": prefix}, {}),
+            "main": ({**base, "redis_url": "redis://127.0.0.1:6379/15", "cache_prefix": prefix,
+                      "max_crops_per_image": 6}, {}),
             "secured": (base, {"CoarseGate": {"ray_actor_options": {
                 "num_cpus": 0.25, "runtime_env": {"env_vars": {"QZOOM_API_KEYS": KEYS}}}}}),
             "noredis": ({**base, "redis_url": "redis://127.0.0.1:1/0"}, {}),
@@ -146,7 +147,7 @@ def test_upload_once_then_zoom_regions_reuse_the_cached_coarse_features(service)
     assert len({tuple(z.generated_ids) for z in zooms}) == 1 and zooms[0].answer is not None
     crop = Image.open(io.BytesIO(zooms[0].crop_png))
     assert crop.size == (200, 180) == (zooms[0].crop_width, zooms[0].crop_height)
-    assert _metric(service, "qzoom_feature_cache_lookups_total", 'result="hit"') >= 2
+    assert _metric(service, "qzoom_feature_cache_lookups_total", 'result="hit"', at_least=2) >= 2
 
 
 def test_answers_are_identical_with_and_without_the_cache(service):
@@ -227,6 +228,23 @@ def test_clamped_box_and_every_space_of_a_zoom_region(service):
     assert (inner.box.original.x1, inner.box.original.y1, inner.box.original.x2) == (320, 240, 480)
 
 
+def test_crops_per_image_are_limited_and_existing_crops_stay_usable(service):
+    image_id = service.call("UploadImage", pb.UploadImageRequest(image=_png(make_image(300, 300, seed=24)))).image_id
+
+    def crop(i):
+        box = pb.Box(x1=10 * i, y1=0, x2=10 * i + 60, y2=60)
+        return pb.ZoomRegionRequest(image_id=image_id, box=box, space=pb.COORD_SPACE_ORIGINAL)
+
+    for i in range(6):
+        service.call("ZoomRegion", crop(i))
+    code, details = service.status("ZoomRegion", crop(6))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit is 6" in details and "existing crop_id" in details
+    assert service.call("ZoomRegion", crop(2)).crop_width == 60  # an existing crop is not a new one
+    tiny = service.call("ZoomRegion", pb.ZoomRegionRequest(image=IMAGE, box=pb.Box(x1=100, y1=100, x2=105, y2=104),
+                                                           space=pb.COORD_SPACE_ORIGINAL))
+    assert (tiny.crop_width, tiny.crop_height) == (28, 28)  # grown to the minimum side
+
+
 def test_api_keys_are_checked_at_the_ingress(service):
     request = _answer(mode=pb.MODE_DIRECT)
     assert service.status("Answer", request, app="secured")[0] == grpc.StatusCode.UNAUTHENTICATED
@@ -256,24 +274,25 @@ def test_requests_past_the_proxy_timeout_answer_deadline_exceeded(service):
     assert grpc.StatusCode.OK in codes
 
 
-def _metric(service, name: str, label: str, wait_s: float = 10.0) -> float:
-    """Sum of a Ray-exported metric's samples carrying `label` (Ray prefixes names with `ray_`)."""
+def _metric(service, name: str, label: str, at_least: float = 1e-9, wait_s: float = 20.0) -> float:
+    """Sum of a Ray-exported metric's samples carrying `label` (Ray prefixes names with `ray_`), polled until
+    it reaches `at_least`: Ray exports on an interval, so a fresh increment shows up after a moment."""
     deadline = time.monotonic() + wait_s
     while True:
         text = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).read().decode()
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith(f"ray_{name}") and label in line]
-        if values or time.monotonic() > deadline:
-            return sum(values)
+        total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith(f"ray_{name}") and label in line)
+        if total >= at_least or time.monotonic() > deadline:
+            return total
         time.sleep(0.5)
 
 
 def test_metrics_count_routes_tokens_and_tokens_saved(service):
     service.call("Answer", _answer(mode=pb.MODE_DIRECT))
     service.call("Answer", _answer(mode=pb.MODE_ZOOM, roi_threshold=0.5))
-    assert _metric(service, "qzoom_route_total", 'route="direct"') >= 1
-    assert _metric(service, "qzoom_route_total", 'route="zoom"') >= 1
+    assert _metric(service, "qzoom_route_total", 'route="direct"', at_least=1) >= 1
+    assert _metric(service, "qzoom_route_total", 'route="zoom"', at_least=1) >= 1
+    assert _metric(service, "qzoom_stage_latency_ms_count", 'stage="total"', at_least=2) >= 2
     processed = _metric(service, "qzoom_visual_tokens_total", 'pass="coarse"')
     baseline = _metric(service, "qzoom_baseline_visual_tokens_total", "")
     assert baseline > processed > 0  # a 640x480 image at full resolution has more tokens than the coarse view
-    assert _metric(service, "qzoom_stage_latency_ms_count", 'stage="total"') >= 2

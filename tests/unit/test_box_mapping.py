@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -92,3 +93,15 @@ def test_single_cell_box_grows_to_28px_and_slides_inside():
     cell_box, box = rpn.map_to_box(prob, 0.15, (56, 56))  # 14 px per cell: one cell is too small
     assert cell_box == (3, 0, 4, 1)
     assert box == (28, 0, 56, 28)
+
+
+def test_explicit_zoom_boxes_are_clamped_grown_and_checked():
+    from qzoom_service.errors import InvalidInput
+    from qzoom_service.geometry import fit_crop_box
+
+    assert fit_crop_box((-50, -10, 300.4, 250.6), (640, 480)) == (0, 0, 300, 251)
+    assert fit_crop_box((630, 100, 700, 110), (640, 480)) == (612, 91, 640, 119)  # grown to 28 px, slid inside
+    with pytest.raises(InvalidInput, match="lies outside the 640x480 image"):
+        fit_crop_box((700, 10, 800, 90), (640, 480))
+    with pytest.raises(InvalidInput, match="aspect ratio of 207; the limit is 200"):
+        fit_crop_box((0, 0, 5800, 28), (6000, 100))
