@@ -125,6 +125,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from .bench.synthetic import generate, write_dataset
+
+    path = write_dataset(generate(args.split, args.n, args.seed, fine_fraction=args.fine_fraction), args.out)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qzoom", description="Q-Zoom perception service")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -162,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=4)
     _engine_args(bench)
     bench.set_defaults(func=cmd_bench)
+
+    synth = sub.add_parser("synth", help="write a synthetic fine-grained dataset (JSONL + PNG) for training")
+    synth.add_argument("--split", choices=["hr", "doc"], default="hr")
+    synth.add_argument("--n", type=int, default=200)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--fine-fraction", type=float, default=0.5)
+    synth.add_argument("--out", required=True, help="directory for data.jsonl and images/")
+    synth.set_defaults(func=cmd_synth)
 
     from .train.cli import add_train_subcommands
 

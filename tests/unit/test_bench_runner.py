@@ -63,3 +63,12 @@ def test_bench_cli_prints_one_json_summary(tiny_checkpoint):
     for key in ("accuracy_fine", "accuracy_coarse", "mean_visual_tokens", "mean_latency_ms"):
         assert key in summary["baseline@144"] and key in summary["qzoom@64"]
     assert "gate_skip_rate_coarse" in summary["qzoom@64"] and "roi_hit_rate_fine" in summary["qzoom@64"]
+
+
+def test_synth_cli_writes_a_training_dataset(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "qzoom_service.cli", "synth", "--split", "doc", "--n", "3",
+                          "--seed", "4", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all((tmp_path / r["image"]).is_file() for r in rows)
+    assert rows[0]["question"] == generate("doc", 3, seed=4)[0].question
