@@ -1,7 +1,7 @@
 """`qzoom train rpn-labels | rpn | gate-labels | gate`: the training pipeline from the command line.
 
-Mount under the main parser with `add_train_subcommands(subparsers)`; each leaf sets `func(args) -> int`
-like the other `qzoom` commands. Standalone: `python -m qzoom_service.train.cli train rpn ...`.
+Mounted under the main `qzoom` parser by `add_train_subcommands(subparsers)`; each leaf sets
+`func(args) -> int` like the other `qzoom` commands.
 
     qzoom train rpn-labels --model M --data data.jsonl --out labels/      # stage-1 teacher maps
     qzoom train rpn --model M --data labels/ --out runs/rpn               # -> runs/rpn/model
@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-from ..errors import InvalidInput, QZoomError
+from ..errors import InvalidInput
 
-__all__ = ["add_train_subcommands", "main"]
+__all__ = ["add_train_subcommands"]
 
 log = logging.getLogger("qzoom.train")
 
@@ -205,21 +204,3 @@ def cmd_gate(args) -> int:
                         progress=not args.quiet, gate_threshold=args.gate_threshold)
     _report(result)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point, same syntax as the mounted `qzoom train ...`."""
-    parser = argparse.ArgumentParser(prog="qzoom")
-    add_train_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    try:
-        return args.func(args)
-    except QZoomError as e:
-        print(f"qzoom {args.command} {args.train_command}: {e.code}: {e.message}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
