@@ -30,6 +30,7 @@ from .cache import CoarseFeatures, FeatureKey
 from .coarse import encode_images, prefill_batch_to_k, prefill_to_k
 from .config import EngineConfig
 from .errors import InvalidInput
+from .geometry import fit_crop_box
 from .model import LoadedModel
 from .preprocess import prepare
 from .types import CoarseState, Prepared, Request, Result
@@ -114,12 +115,11 @@ class QZoomEngine:
                 or self._direct(p, state, _Direct(plan.gate_score), timings, hit))
 
     def plan_for_box(self, request: Request | Prepared, box) -> ZoomPlan:
-        """A `ZoomPlan` for an explicit box in original pixels (clamped to the image; >= 28 px per side)."""
+        """A `ZoomPlan` for an explicit box in original pixels (clamped, grown to >= 28 px per side)."""
         p = request if isinstance(request, Prepared) else self.prepare(request)
-        w0, h0 = p.original.size
-        int_box = (max(0, int(box[0])), max(0, int(box[1])), min(w0, round(box[2])), min(h0, round(box[3])))
+        int_box = fit_crop_box(box, p.original.size)
         if int_box[2] - int_box[0] < 28 or int_box[3] - int_box[1] < 28:
-            raise InvalidInput(f"box {list(int_box)} is smaller than 28 px on a side after clamping to the image")
+            raise InvalidInput("the image is under 28 px on a side; there is nothing to zoom into")
         cell_box = rpn.original_to_cell_box(int_box, p.merged_hw, p.original.size)
         return ZoomPlan(box=int_box, cell_box=cell_box, gate_score=None, roi_map=None, roi_source="explicit")
 
