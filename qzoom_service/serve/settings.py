@@ -20,6 +20,9 @@ class AppSettings:
     device: str = "cpu"
     dtype: str = "float32"
     redis_url: str | None = None  # None or memory:// = in-process cache per replica
+    # Name of an environment variable holding the Redis URL, read in each replica and preferred over
+    # redis_url when set: keeps a password out of the Serve config (the Helm chart fills it from a Secret).
+    redis_url_env: str | None = None
     cache_ttl_s: int = 86400
     cache_max_bytes: int = 512 << 20  # in-process cache only; bound Redis with its own maxmemory
     cache_prefix: str = "qzoom:"
@@ -69,7 +72,8 @@ def build_engine(settings: AppSettings):
     from ..model import load_for_config
 
     config = settings.engine_config()
-    url = settings.redis_url or "memory://"
+    url = (os.environ.get(settings.redis_url_env) if settings.redis_url_env else None) or settings.redis_url
+    url = url or "memory://"
     if url == "memory://":
         cache = make_cache(url, max_bytes=settings.cache_max_bytes, ttl_s=settings.cache_ttl_s)
     else:

@@ -348,12 +348,21 @@ def test_the_builtin_redis_is_a_bounded_cache_whose_password_comes_from_its_secr
     ref = env_of(container)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "demo-qzoom-redis", "key": "redis-password"}
     assert container["resources"]["limits"]["memory"] == "4Gi"
-    password = secret_data("default", "demo-qzoom-redis")["redis-password"]
+    data = secret_data("default", "demo-qzoom-redis")
+    password = data["redis-password"]
     assert len(password) == 32
-    url = urllib.parse.urlsplit(serve_config("default")["applications"][0]["args"]["redis_url"])
-    # The Secret and the serve config are rendered by different templates and must agree.
+    # The URL with the password reaches the replicas from the Secret, never through the serve config.
+    url = urllib.parse.urlsplit(data["redis-url"])
     assert (url.scheme, url.password, url.hostname, url.port, url.path) == \
         ("redis", password, "demo-qzoom-redis.ml.svc", 6379, "/0")
+    args = serve_config("default")["applications"][0]["args"]
+    assert args["redis_url_env"] == "QZOOM_REDIS_URL" and "redis_url" not in args
+    assert password not in one(objs, "RayService")["spec"]["serveConfigV2"]
+    ray_pods = {n: t for n, t in pod_templates("default").items() if n != "demo-qzoom-redis"}
+    assert set(ray_pods) >= {"head", "coarse", "zoom"}
+    for template in ray_pods.values():
+        ref = env_of(template["spec"]["containers"][0])["QZOOM_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "demo-qzoom-redis", "key": "redis-url"}
     service = one(objs, "Service", "demo-qzoom-redis")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     policy = one(objs, "NetworkPolicy", "demo-qzoom-redis")
@@ -365,15 +374,16 @@ def test_a_given_redis_password_is_used_verbatim():
     objs = _objects(_render({"redis": {"builtin": {"password": "pa55-word.x"}}}))
     secret = one(objs, "Secret", "demo-qzoom-redis")
     assert base64.b64decode(secret["data"]["redis-password"]).decode() == "pa55-word.x"
-    config = yaml.safe_load(one(objs, "RayService")["spec"]["serveConfigV2"])
-    assert config["applications"][0]["args"]["redis_url"] == "redis://:pa55-word.x@demo-qzoom-redis.ml.svc:6379/0"
+    url = base64.b64decode(secret["data"]["redis-url"]).decode()
+    assert url == "redis://:pa55-word.x@demo-qzoom-redis.ml.svc:6379/0"
+    assert "pa55-word.x" not in one(objs, "RayService")["spec"]["serveConfigV2"]
 
 
 def test_external_redis_replaces_the_builtin_one():
     objs = objects("external-redis.yaml")
-    assert sorted(o["kind"] for o in objs) == ["RayService"]
-    url = serve_config("external-redis.yaml")["applications"][0]["args"]["redis_url"]
-    assert url == _ci_values("external-redis.yaml")["redis"]["external"]["url"]
+    assert sorted(o["kind"] for o in objs) == ["RayService", "Secret"]
+    data = secret_data("external-redis.yaml", "demo-qzoom-redis")
+    assert data == {"redis-url": _ci_values("external-redis.yaml")["redis"]["external"]["url"]}
 
 
 def test_api_keys_reach_every_ray_container_from_the_chart_secret():

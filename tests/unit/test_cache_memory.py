@@ -171,3 +171,15 @@ def test_make_cache_picks_the_backend_from_the_url():
     assert isinstance(make_cache("redis://127.0.0.1:1/0"), RedisCache)  # constructing does not connect
     with pytest.raises(ValueError, match="memory://"):
         make_cache("memcached://x")
+
+
+def test_the_app_reads_the_redis_url_from_the_named_environment_variable(monkeypatch):
+    from qzoom_service.serve.settings import AppSettings, build_engine
+
+    monkeypatch.setenv("QZOOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    settings = AppSettings.from_dict({"redis_url_env": "QZOOM_TEST_REDIS_URL", "redis_url": "memory://"})
+    _, cache = build_engine(settings)
+    assert cache.backend == "redis"
+    monkeypatch.delenv("QZOOM_TEST_REDIS_URL")
+    _, fallback = build_engine(settings)
+    assert fallback.backend == "memory"

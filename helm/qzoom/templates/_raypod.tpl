@@ -62,6 +62,11 @@ spec:
         - name: HF_HUB_OFFLINE
           value: "1"
         {{- end }}
+        - name: QZOOM_REDIS_URL
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "qzoom.redis.fullname" $ }}
+              key: redis-url
         {{- if $v.auth.enabled }}
         - name: QZOOM_API_KEYS
           valueFrom:

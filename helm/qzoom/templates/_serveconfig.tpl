@@ -23,7 +23,7 @@ applications:
       model: {{ include "qzoom.modelRef" . | toJson }}
       device: {{ $serve.device | toJson }}
       dtype: {{ $serve.dtype | toJson }}
-      redis_url: {{ include "qzoom.redisUrl" . | toJson }}
+      redis_url_env: QZOOM_REDIS_URL
       cache_ttl_s: {{ $serve.cacheTtlS | int }}
       api_keys_env: QZOOM_API_KEYS
       max_batch_size: {{ $serve.maxBatchSize | int }}

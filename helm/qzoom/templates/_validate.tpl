@@ -27,7 +27,7 @@ Included once, from rayservice.yaml.
 {{- end -}}
 
 {{- /* extraArgs may not shadow the args the chart sets from their own keys. */ -}}
-{{- $own := list "model" "device" "dtype" "redis_url" "cache_ttl_s" "api_keys_env" "max_batch_size" "batch_wait_timeout_s" -}}
+{{- $own := list "model" "device" "dtype" "redis_url" "redis_url_env" "cache_ttl_s" "api_keys_env" "max_batch_size" "batch_wait_timeout_s" -}}
 {{- range $key, $_ := $v.serve.extraArgs -}}
 {{- if has $key $own -}}
 {{- fail (printf "serve.extraArgs.%s: the chart sets %s from its own values (model.*, serve.*, redis.*, auth.*); remove it from serve.extraArgs." $key $key) -}}
