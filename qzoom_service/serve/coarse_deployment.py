@@ -54,12 +54,15 @@ def rpc(response_name: str, auth: bool = True):
                 if reason:
                     raise Unauthenticated(reason)
                 return await method(self, request, grpc_context)
-            except QZoomError as e:
-                code, details = e.code, e.message
-            except Exception:  # noqa: BLE001 - the boundary: never crash the replica, never leak a trace
-                request_id = getattr(grpc_context, "request_id", "?")
-                log.exception("unexpected error in %s (request id %s)", method.__name__, request_id)
-                code, details = "INTERNAL", f"internal error (request id {request_id})"
+            except Exception as e:  # noqa: BLE001 - the boundary: never crash the replica, never leak a trace
+                # A typed error raised in the Zoom deployment arrives wrapped in a RayTaskError.
+                typed = e if isinstance(e, QZoomError) else getattr(e, "cause", None)
+                if isinstance(typed, QZoomError):
+                    code, details = typed.code, typed.message
+                else:
+                    request_id = getattr(grpc_context, "request_id", "?")
+                    log.exception("unexpected error in %s (request id %s)", method.__name__, request_id)
+                    code, details = "INTERNAL", f"internal error (request id {request_id})"
             self.metrics.record_error(method.__name__, code)
             if grpc_context is not None:
                 grpc_context.set_code(grpc.StatusCode[code])

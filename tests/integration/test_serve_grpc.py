@@ -204,6 +204,8 @@ def test_bad_input_gets_its_status_code_and_nothing_stored_is_lost(service):
          grpc.StatusCode.INVALID_ARGUMENT, "coordinate space"),
         ("ZoomRegion", pb.ZoomRegionRequest(image_id=kept, box=pb.Box(x1=1, y1=1, x2=50, y2=50), space=42),
          grpc.StatusCode.INVALID_ARGUMENT, "coordinate space"),
+        ("ZoomRegion", pb.ZoomRegionRequest(question="why? " * 1000, box=pb.Box(x1=0, y1=0, x2=90, y2=90), **box),
+         grpc.StatusCode.INVALID_ARGUMENT, "question has 5000 characters"),  # raised inside the Zoom deployment
         ("ZoomRegion", pb.ZoomRegionRequest(crop_id="crop-nope", box=pb.Box(x1=0, y1=0, x2=1, y2=1),
                                             space=pb.COORD_SPACE_NORM1, image_id=kept),
          grpc.StatusCode.NOT_FOUND, "unknown crop_id"),
