@@ -17,6 +17,7 @@ import logging
 import grpc
 from PIL import Image
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from .. import __version__
 from ..engine import ZoomPlan
@@ -59,6 +60,8 @@ def rpc(response_name: str, auth: bool = True):
                 typed = e if isinstance(e, QZoomError) else getattr(e, "cause", None)
                 if isinstance(typed, QZoomError):
                     code, details = typed.code, typed.message
+                elif isinstance(e, BackPressureError):  # the Zoom deployment's queue is full
+                    code, details = "RESOURCE_EXHAUSTED", "the zoom pool is at capacity; retry shortly"
                 else:
                     request_id = getattr(grpc_context, "request_id", "?")
                     log.exception("unexpected error in %s (request id %s)", method.__name__, request_id)
