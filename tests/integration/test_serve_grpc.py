@@ -95,6 +95,7 @@ def service(tiny_checkpoint):
             "noredis": ({**base, "redis_url": "redis://127.0.0.1:1/0"}, {}),
             "busy": (base, {"CoarseGate": {**small, "max_ongoing_requests": 1, "max_queued_requests": 2}}),
             "slow": (base, {"CoarseGate": {**small, "max_ongoing_requests": 1}}),
+            "zoombusy": (base, {"Zoom": {**small, "max_ongoing_requests": 1, "max_queued_requests": 1}}),
         }
         for name, (args, deployments) in apps.items():
             options = {"CoarseGate": small, "Zoom": small, **deployments}
@@ -256,22 +257,28 @@ def test_api_keys_are_checked_at_the_ingress(service):
     assert service.call("Answer", request).route == pb.ROUTE_DIRECT  # auth off on `main`
 
 
-def _flood(service, app: str, n: int) -> list[grpc.StatusCode]:
-    request = _answer(mode=pb.MODE_DIRECT)
+def _flood(service, app: str, n: int, request=None) -> list[tuple[grpc.StatusCode, str]]:
+    request = request or _answer(mode=pb.MODE_DIRECT)
     with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
-        codes = list(pool.map(lambda _: service.status("Answer", request, app=app, timeout=60)[0], range(n)))
-    return codes
+        return list(pool.map(lambda _: service.status("Answer", request, app=app, timeout=60), range(n)))
 
 
 def test_a_full_queue_answers_resource_exhausted_and_the_service_recovers(service):
-    codes = _flood(service, "busy", 16)
+    codes = [code for code, _ in _flood(service, "busy", 16)]
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
     assert service.status("Answer", _answer(mode=pb.MODE_DIRECT), app="busy")[0] == grpc.StatusCode.OK
 
 
+def test_a_full_zoom_queue_answers_resource_exhausted(service):
+    outcomes = _flood(service, "zoombusy", 12, _answer(mode=pb.MODE_ZOOM, roi_threshold=0.5))
+    full = [details for code, details in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert full and all("zoom pool is at capacity" in d for d in full)
+    assert grpc.StatusCode.OK in [code for code, _ in outcomes]
+
+
 def test_requests_past_the_proxy_timeout_answer_deadline_exceeded(service):
     started = time.monotonic()
-    codes = _flood(service, "slow", 96)
+    codes = [code for code, _ in _flood(service, "slow", 96)]
     assert grpc.StatusCode.DEADLINE_EXCEEDED in codes, (codes, time.monotonic() - started)
     assert grpc.StatusCode.OK in codes
 
