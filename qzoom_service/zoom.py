@@ -17,7 +17,7 @@ from PIL import Image
 from .coarse import causal_mask, run_layers, truncated_cache
 from .types import CoarseState
 
-__all__ = ["ZoomInput", "encode_crop", "zoom_positions", "build_zoom_input", "prefill_zoom", "forward_full"]
+__all__ = ["ZoomInput", "encode_crop", "zoom_positions", "build_zoom_input", "splice_roi", "prefill_zoom", "forward_full"]
 
 
 @dataclass
@@ -88,13 +88,22 @@ def build_zoom_input(
     cell_box,
     reuse_src_pos: bool,
 ) -> ZoomInput:
-    """Fused layer-0 inputs: the RoI block's <|vision_start|>/<|vision_end|> embeddings are the coarse ones."""
-    x = state.embeds
-    end = state.image_start + state.num_visual
-    block = torch.cat([x[:, state.image_start - 1 : state.image_start], roi_embeds[None].to(x.dtype), x[:, end : end + 1]], dim=1)
-    embeds = torch.cat([x[:, : end + 1], block, x[:, end + 1 :]], dim=1)
-    pos = zoom_positions(state.positions[:, 0], state.image_start, coarse_hw, roi_hw, cell_box, reuse_src_pos)
-    return ZoomInput(embeds=embeds, positions=pos[:, None], split=end, num_roi=roi_embeds.shape[0])
+    """Fused layer-0 inputs after pass 1 (see `splice_roi`)."""
+    return splice_roi(state.embeds, state.positions, state.image_start, roi_embeds, coarse_hw, roi_hw, cell_box,
+                      reuse_src_pos)
+
+
+def splice_roi(embeds: torch.Tensor, positions: torch.Tensor, image_start: int, roi_embeds: torch.Tensor,
+               coarse_hw: tuple[int, int], roi_hw: tuple[int, int], cell_box, reuse_src_pos: bool) -> ZoomInput:
+    """Insert `<|vision_start|> RoI <|vision_end|>` after the coarse image of (1, L, D) `embeds` with
+    (3, 1, L) `positions`. The block's start/end embeddings are the coarse ones. Shared by the engine and
+    base-model training, so both see the same fused layout."""
+    x = embeds
+    end = image_start + coarse_hw[0] * coarse_hw[1]
+    block = torch.cat([x[:, image_start - 1 : image_start], roi_embeds[None].to(x.dtype), x[:, end : end + 1]], dim=1)
+    fused = torch.cat([x[:, : end + 1], block, x[:, end + 1 :]], dim=1)
+    pos = zoom_positions(positions[:, 0], image_start, coarse_hw, roi_hw, cell_box, reuse_src_pos)
+    return ZoomInput(embeds=fused, positions=pos[:, None], split=end, num_roi=roi_embeds.shape[0])
 
 
 @torch.no_grad()

@@ -1,0 +1,249 @@
+"""Train the base model itself (trunk, vision tower and LM head) on visual QA, for models built from scratch.
+
+Q-Zoom's stages 1 and 3 assume a Qwen2.5-VL that already answers questions. The project's small embedded
+model has none to start from, so this stage teaches it on two kinds of sequences, exactly as the engine
+will later feed them:
+
+- **coarse**: the chat prompt with the image at the coarse budget, then the answer;
+- **fused**: the same prompt with `<|vision_start|> RoI <|vision_end|>` spliced in after the coarse image
+  (`zoom.splice_roi`, M-RoPE positions aligned by the checkpoint's scheme), the RoI being the crop of the
+  ORIGINAL image over the merged-grid cells that cover the target box, re-encoded at the same budget —
+  what a perfect SD-RPN would hand the engine.
+
+The loss is next-token cross-entropy on the answer tokens and the closing `<|im_end|>`. A batch is one
+padded forward: sequences are right-padded, so causal attention alone keeps padding out of every real
+token's view and no attention mask is needed. Every sample (scene, question, budget, fused or not) derives
+from its index and the seed, so a resumed run replays the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..coarse import embed_prompt, rope_positions
+from ..config import TOKEN_PIXELS
+from ..errors import InvalidInput
+from ..preprocess import MERGE, preresize
+from ..rpn import cell_box_to_original, original_to_cell_box
+from ..zoom import encode_crop, splice_roi
+from .checkpoint import atomic_dir
+from .loop import TrainConfig, fit, plan_batches, plan_digest
+
+__all__ = ["BaseExample", "make_example", "batch_loss", "train_base", "save_base"]
+
+
+@dataclass
+class BaseExample:
+    """One training sequence before embedding. `crop` is (pixel_values, grid_thw, cell_box) or None."""
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    input_ids: torch.Tensor  # (L,) prompt + answer + <|im_end|>
+    answer_len: int  # tokens scored at the end of input_ids (answer + <|im_end|>)
+    crop: tuple | None = None
+
+
+def make_example(processor, image, question: str, answer: str, budget_tokens: int,
+                 zoom_box=None) -> BaseExample:
+    """Encode `image` at exactly `budget_tokens` (the engine's min = max budget) and, with `zoom_box`
+    (original pixels), the crop over the grid cells that box touches, at the same budget."""
+    pixels = budget_tokens * TOKEN_PIXELS
+    pixel_values, grid = processor.encode_image(preresize(image), pixels, pixels)
+    hm, wm = int(grid[0, 1]) // MERGE, int(grid[0, 2]) // MERGE
+    prompt = processor.prompt_ids(question, hm * wm)[0]
+    end = processor.token_id("<|im_end|>")
+    answer_ids = processor.tokenizer(answer, add_special_tokens=False)["input_ids"] + [end]
+    ids = torch.cat([prompt, torch.tensor(answer_ids, dtype=torch.long)])
+    crop = None
+    if zoom_box is not None:
+        cell_box = original_to_cell_box(zoom_box, (hm, wm), image.size)
+        box = cell_box_to_original(cell_box, (hm, wm), image.size)
+        encoded = encode_crop(processor, image, box, pixels, pixels)
+        if encoded is None:
+            raise InvalidInput(f"zoom box {zoom_box} gives a crop under 28 px on {image.size}")
+        crop = (*encoded, cell_box)
+    return BaseExample(pixel_values, grid, ids, len(answer_ids), crop)
+
+
+def _vision(model, examples: list[BaseExample]) -> tuple[list, list]:
+    """One vision-tower call for every image of the batch (with gradients) -> coarse and RoI embeddings."""
+    pixels, grids = [], []
+    for ex in examples:
+        pixels.append(ex.pixel_values)
+        grids.append(ex.grid_thw)
+        if ex.crop is not None:
+            pixels.append(ex.crop[0])
+            grids.append(ex.crop[1])
+    visual = model.model.visual
+    grid = torch.cat(grids).to(visual.device)
+    merged = visual(torch.cat(pixels).to(device=visual.device, dtype=visual.dtype), grid_thw=grid).pooler_output
+    parts = iter(torch.split(merged, (grid.prod(-1) // MERGE**2).tolist()))
+    coarse, roi = [], []
+    for ex in examples:
+        coarse.append(next(parts))
+        roi.append(next(parts) if ex.crop is not None else None)
+    return coarse, roi
+
+
+def _sequence(model, ex: BaseExample, coarse_embeds, roi_embeds, reuse_src_pos: bool):
+    """(embeds (L, D), positions (3, L) float32) of one coarse or fused sequence."""
+    device = model.model.language_model.embed_tokens.weight.device
+    ids = ex.input_ids[None].to(device)
+    x = embed_prompt(model, ids, [coarse_embeds])
+    pos = rope_positions(model, ids, ex.grid_thw.to(device))
+    if roi_embeds is None:
+        return x[0], pos[:, 0].float()
+    hw = (int(ex.grid_thw[0, 1]) // MERGE, int(ex.grid_thw[0, 2]) // MERGE)
+    roi_hw = (int(ex.crop[1][0, 1]) // MERGE, int(ex.crop[1][0, 2]) // MERGE)
+    start = int((ids[0] == model.config.image_token_id).nonzero()[0, 0])
+    zin = splice_roi(x, pos, start, roi_embeds, hw, roi_hw, ex.crop[2], reuse_src_pos)
+    return zin.embeds[0], zin.positions[:, 0].float()
+
+
+def batch_loss(model, examples: list[BaseExample], reuse_src_pos: bool) -> tuple[torch.Tensor, float]:
+    """Mean answer-token cross-entropy over the batch (one right-padded forward), and the fraction of
+    answers whose every token is the argmax."""
+    coarse, roi = _vision(model, examples)
+    seqs = [_sequence(model, ex, c, r, reuse_src_pos) for ex, c, r in zip(examples, coarse, roi)]
+    length = max(x.shape[0] for x, _ in seqs)
+    dim = seqs[0][0].shape[1]
+    x = seqs[0][0].new_zeros(len(seqs), length, dim)
+    pos = torch.zeros(3, len(seqs), length, dtype=torch.float32, device=x.device)
+    targets = torch.full((len(seqs), length), -100, dtype=torch.long, device=x.device)
+    for i, ((xi, pi), ex) in enumerate(zip(seqs, examples)):
+        n = xi.shape[0]
+        x[i, :n], pos[:, i, :n] = xi, pi
+        # Token t predicts token t+1: the answer's tokens are the last `answer_len` of the sequence.
+        targets[i, n - ex.answer_len - 1 : n - 1] = ex.input_ids[-ex.answer_len:].to(x.device)
+    hidden = model.model.language_model(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
+    scored = targets != -100
+    logits = model.lm_head(hidden[scored])
+    loss = F.cross_entropy(logits.float(), targets[scored])
+    right = (logits.argmax(-1) == targets[scored]).float()
+    per_answer = torch.split(right, [ex.answer_len for ex in examples])
+    exact = sum(bool(r.all()) for r in per_answer) / len(examples)
+    return loss, exact
+
+
+def _stable_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(",".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+_WORKER_EXAMPLE_FOR = None
+
+
+def _worker_init(example_for) -> None:
+    global _WORKER_EXAMPLE_FOR
+    torch.set_num_threads(1)
+    _WORKER_EXAMPLE_FOR = example_for
+
+
+def _build_batch(args) -> list[BaseExample]:
+    batch, seed = args
+    return [_WORKER_EXAMPLE_FOR(i, random.Random(_stable_seed(seed, "example", i))) for i in batch]
+
+
+class _Examples:
+    """Examples of the planned batches, in order; with workers, built ahead in forked processes (drawing
+    and resizing full-size images costs as much as a training step on a CPU)."""
+
+    def __init__(self, example_for, batches, seed: int, workers: int):
+        self.example_for, self.batches, self.seed, self.workers = example_for, batches, seed, workers
+        self.pool, self.stream, self.position = None, None, None
+
+    def __call__(self, batch) -> list[BaseExample]:
+        if self.workers == 0:
+            return [self.example_for(i, random.Random(_stable_seed(self.seed, "example", i))) for i in batch]
+        if self.stream is None:  # the first batch asked for is where this (possibly resumed) run starts
+            self.position = next(n for n, b in enumerate(self.batches) if b is batch)
+            self.pool = multiprocessing.get_context("fork").Pool(self.workers, _worker_init, (self.example_for,))
+            todo = [(b, self.seed) for b in self.batches[self.position:]]
+            self.stream = self.pool.imap(_build_batch, todo, chunksize=1)
+        if self.batches[self.position] is not batch:
+            raise RuntimeError("batches requested out of plan order")
+        self.position += 1
+        return next(self.stream)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample], config: TrainConfig, *,
+               pool: int, out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
+               callback=None, workers: int = 0) -> list:
+    """Train every parameter of `loaded.model` (branches excluded) on examples 0..pool-1.
+
+    `example_for(index, rng)` builds example `index`; `rng` is seeded from (config.seed, index), so the
+    choice of budget, route or jitter it makes is reproducible. `workers` > 0 builds examples ahead in
+    that many forked processes. `callback(step, loss, exact_match)` runs after each step. Returns
+    [(step, loss)] of this call.
+    """
+    if pool < 1:
+        raise InvalidInput("the base-model training pool is empty")
+    model = loaded.model
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batches = plan_batches(lambda epoch: list(range(pool)), config.batch_size, config.epochs, config.steps,
+                           config.seed)
+    settings = {"role": "base", "pool": pool, "reuse_src_pos": loaded.reuse_src_pos,
+                "plan": plan_digest(batches, lambda i: i)}
+    examples = _Examples(example_for, batches, config.seed, workers)
+    exact = []
+
+    def step(batch):
+        loss, hit = batch_loss(model, examples(batch), loaded.reuse_src_pos)
+        loss.backward()
+        exact.append(hit)
+        return float(loss.detach())
+
+    def report(done, loss):
+        if callback is not None:
+            callback(done, loss, exact[-1])
+
+    trunk = torch.nn.ModuleDict({"model": model.model, "lm_head": model.lm_head})
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        _, losses = fit(trunk, batches, step, config, settings, model.device, out_dir=out, resume=resume,
+                        progress=progress, callback=report)
+    finally:
+        examples.close()
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return losses
+
+
+def save_base(loaded, out_dir: str | Path) -> Path:
+    """Write the trained base model (no branches) as a Hugging Face checkpoint directory, atomically."""
+    with atomic_dir(out_dir, "config.json") as tmp:
+        loaded.model.save_pretrained(tmp)
+        loaded.processor.save_pretrained(tmp)
+        drop_branch_keys(tmp / "config.json")
+    return Path(out_dir)
+
+
+def drop_branch_keys(config_json: Path) -> None:
+    """Remove Q-Zoom branch keys from a config.json: a base checkpoint has no branch weights, and the
+    loader would otherwise ask for them."""
+    cfg = json.loads(config_json.read_text())
+    for holder in (cfg, cfg.get("text_config") or {}):
+        for key in BRANCH_CONFIG_KEYS:
+            holder.pop(key, None)
+    config_json.write_text(json.dumps(cfg, indent=2))
+
+
+BRANCH_CONFIG_KEYS = ("enable_twig", "twig_K", "twig_T", "roi_source", "enable_high_res", "high_res_K",
+                      "high_res_T", "high_res_thresh", "roi_thresh")
