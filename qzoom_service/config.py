@@ -73,8 +73,8 @@ class EngineConfig:
     attn_implementation: str = "sdpa"
     gate_threshold: float | None = None  # None: the checkpoint's high_res_thresh, else 0.1
     roi_threshold: float | None = None  # None: 0.1 for the SD-RPN, 0.5 for the training-free map
-    min_pixels: int = 256 * TOKEN_PIXELS
-    max_pixels: int = 576 * TOKEN_PIXELS
+    min_pixels: int | None = None  # None: the checkpoint's coarse_min_pixels, else 256 tokens
+    max_pixels: int | None = None  # None: the checkpoint's coarse_max_pixels, else 576 tokens
     zoom_min_pixels: int | None = None  # None: same budget as the coarse view (the reference)
     zoom_max_pixels: int | None = None
     max_new_tokens: int = 128

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,7 +65,10 @@ class QZoomEngine:
         """`feature_cache`: optional object with `get_features(key)` / `put_features(key, features)` (see
         `cache.py`); used for requests that carry an `image_id`."""
         self.loaded = loaded
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
+        # An unset coarse budget is the checkpoint's own (what it was trained at), else 256..576 tokens.
+        self.config = replace(config, min_pixels=config.min_pixels or loaded.default_min_pixels,
+                              max_pixels=config.max_pixels or loaded.default_max_pixels)
         self.model = loaded.model
         self.processor = loaded.processor
         self.branches = loaded.branches

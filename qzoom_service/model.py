@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
+from .config import TOKEN_PIXELS
 from .errors import CheckpointError
 from .gate import DEFAULT_CONFIDENCE_THRESHOLD
 from .attention_roi import DEFAULT_ATTENTION_ROI_THRESHOLD
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 BRANCH_PREFIXES = ("twig_layers.", "high_res_layers.", "high_res_head.")
 # Outer prefixes a branch key may carry: 4.51.3 (`model.`), 5.x (`model.language_model.`), bare.
 _OUTER = ("model.language_model.", "language_model.", "model.", "")
+DEFAULT_MIN_PIXELS = 256 * TOKEN_PIXELS  # coarse budget when neither the engine config nor the checkpoint sets one
+DEFAULT_MAX_PIXELS = 576 * TOKEN_PIXELS
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,6 +48,10 @@ class LoadedModel:
     reuse_src_pos: bool
     default_gate_threshold: float
     default_roi_threshold: float
+    # Coarse pixel budget the checkpoint was trained for (config.json `coarse_min_pixels` /
+    # `coarse_max_pixels`, OUR keys); used when the engine config leaves the budget unset.
+    default_min_pixels: int = DEFAULT_MIN_PIXELS
+    default_max_pixels: int = DEFAULT_MAX_PIXELS
 
     @property
     def prefix_k(self) -> int:
@@ -57,7 +64,7 @@ def qzoom_keys(raw_config: dict) -> dict:
     """Q-Zoom keys from a raw config.json dict (flat 4.51.3 layout, or nested under text_config)."""
     text = raw_config.get("text_config") or {}
     names = ("enable_twig", "twig_K", "twig_T", "enable_high_res", "high_res_K", "high_res_T",
-             "high_res_thresh", "reuse_src_pos", "roi_source")
+             "high_res_thresh", "reuse_src_pos", "roi_source", "roi_thresh", "coarse_min_pixels", "coarse_max_pixels")
     return {n: raw_config.get(n, text.get(n)) for n in names if n in raw_config or n in text}
 
 
@@ -182,7 +189,10 @@ def load_model(
         reuse_src_pos=bool(keys.get("reuse_src_pos", False)),
         default_gate_threshold=float(keys.get("high_res_thresh") or 0.1) if branches.has_gate
         else DEFAULT_CONFIDENCE_THRESHOLD,
-        default_roi_threshold=0.1 if branches.has_twig else DEFAULT_ATTENTION_ROI_THRESHOLD,
+        default_roi_threshold=float(keys.get("roi_thresh") or 0.1) if branches.has_twig
+        else DEFAULT_ATTENTION_ROI_THRESHOLD,
+        default_min_pixels=int(keys.get("coarse_min_pixels") or DEFAULT_MIN_PIXELS),
+        default_max_pixels=int(keys.get("coarse_max_pixels") or DEFAULT_MAX_PIXELS),
     )
 
 

@@ -90,6 +90,26 @@ def test_config_keys_are_read_and_overridable(tmp_path, source):
         load_model(str(ckpt), overrides={"twig_T": 1})
 
 
+def test_checkpoint_serving_defaults_fill_an_unset_engine_config(tmp_path, source):
+    """OUR config.json keys: the coarse budget and RoI threshold a checkpoint was trained for."""
+    from qzoom_service.config import TOKEN_PIXELS, EngineConfig
+    from qzoom_service.engine import QZoomEngine
+
+    ckpt = save_tiny(*source, tmp_path / "defaults")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(coarse_min_pixels=100 * TOKEN_PIXELS, coarse_max_pixels=121 * TOKEN_PIXELS, roi_thresh=0.27)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(str(ckpt))
+    assert loaded.default_roi_threshold == pytest.approx(0.27)
+    engine = QZoomEngine(loaded)
+    assert (engine.config.min_pixels, engine.config.max_pixels) == (100 * TOKEN_PIXELS, 121 * TOKEN_PIXELS)
+    assert engine.default_roi == pytest.approx(0.27)
+    explicit = QZoomEngine(loaded, EngineConfig(min_pixels=64 * TOKEN_PIXELS, max_pixels=81 * TOKEN_PIXELS))
+    assert (explicit.config.min_pixels, explicit.config.max_pixels) == (64 * TOKEN_PIXELS, 81 * TOKEN_PIXELS)
+    plain = QZoomEngine(load_model(str(save_tiny(*source, tmp_path / "none"))))
+    assert (plain.config.min_pixels, plain.config.max_pixels) == (256 * TOKEN_PIXELS, 576 * TOKEN_PIXELS)
+
+
 def test_plain_qwen_weights_load_without_branches(plain_checkpoint):
     loaded = load_model(str(plain_checkpoint))
     assert not loaded.branches.has_twig and not loaded.branches.has_gate
