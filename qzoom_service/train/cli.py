@@ -92,6 +92,9 @@ def add_train_subcommands(subparsers) -> argparse.ArgumentParser:
                          help="ascending image-token counts, e.g. 64 128 256 384 576 768 1024")
     ladders.add_argument("--prompt-suffix", default="", help="appended to each question (\\n escapes allowed)")
     ladders.add_argument("--max-new-tokens", type=int, default=16)
+    ladders.add_argument("--zoom-top", type=int, default=0,
+                         help="answer the highest N rungs through the zoom route (needs a trained SD-RPN; "
+                              "for models that read fine detail only when zoomed)")
     ladders.set_defaults(func=cmd_gate_labels)
 
     gate = sub.add_parser("gate", help="stage 3: train the gate branch")
@@ -100,6 +103,8 @@ def add_train_subcommands(subparsers) -> argparse.ArgumentParser:
     gate.add_argument("--p-pos", type=float, default=0.9, help="hard samples: probability of a positive draw")
     gate.add_argument("--max-samples", type=int, help="keep this many after a seeded shuffle")
     gate.add_argument("--gate-threshold", type=float, help="high_res_thresh written to config.json")
+    gate.add_argument("--holdout", type=float, default=0.1,
+                      help="fraction of the filtered pool held out for the precision/recall table (0 = none)")
     _optim(gate)
     gate.set_defaults(func=cmd_gate)
     return train
@@ -183,7 +188,8 @@ def cmd_gate_labels(args) -> int:
     loaded = _load(args)
     suffix = args.prompt_suffix.encode().decode("unicode_escape")
     ladders = make_answer_ladders(loaded, _records(args, loaded.processor.tokenizer), args.resolutions,
-                                  prompt_suffix=suffix, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+                                  prompt_suffix=suffix, max_new_tokens=args.max_new_tokens, zoom_top=args.zoom_top,
+                                  progress=not args.quiet)
     out = save_ladders(ladders, args.out)
     print(json.dumps({"ladders": str(out), "samples": len(ladders.ladders)}))
     return 0
@@ -191,16 +197,44 @@ def cmd_gate_labels(args) -> int:
 
 def cmd_gate(args) -> int:
     from .gate_labels import GateDataset, load_ladders
-    from .train_heads import train_gate
+    from .train_heads import gate_calibration, train_gate
 
+    if not 0.0 <= args.holdout < 1.0:
+        raise InvalidInput(f"--holdout must be in [0, 1); got {args.holdout}")
     ladders = load_ladders(args.data)
     if args.limit:
         ladders.ladders = ladders.ladders[: args.limit]
     dataset = GateDataset.from_ladders(ladders, seed=args.seed, easy_ratio=args.easy_ratio,
                                        max_samples=args.max_samples, p_pos=args.p_pos)
-    log.info("gate pool: %s", dataset.stats)
-    result = train_gate(_load(args), dataset, _config(args), K=args.K, T=args.T,
+    dataset, holdout = split_holdout(dataset, args.holdout)
+    log.info("gate pool: %s; %d held out", dataset.stats, len(holdout.items))
+    loaded = _load(args)
+    result = train_gate(loaded, dataset, _config(args), K=args.K, T=args.T,
                         init_from_trunk=not args.no_init_from_trunk, out_dir=args.out, resume=args.resume,
                         progress=not args.quiet, gate_threshold=args.gate_threshold)
+    if holdout.items:
+        table = gate_calibration(loaded, holdout.draw(0), result.branches, dataset.prompt_suffix)
+        (Path(args.out) / "calibration.json").write_text(json.dumps(table, indent=1))
+        print_calibration(table)
     _report(result)
     return 0
+
+
+def split_holdout(dataset, fraction: float):
+    """(train, held-out) GateDatasets: a seeded `fraction` of the filtered pool is held out."""
+    from dataclasses import replace
+    import random
+
+    items = list(dataset.items)
+    random.Random(dataset.seed).shuffle(items)
+    n = int(round(fraction * len(items)))
+    return replace(dataset, items=items[n:]), replace(dataset, items=items[:n])
+
+
+def print_calibration(table: list[dict]) -> None:
+    """The precision/recall table of `gate_calibration`, one threshold per line."""
+    fmt = lambda v: "  -  " if v is None else f"{v:5.2f}"  # noqa: E731
+    print("threshold  precision  recall  zoom_rate  accuracy")
+    for row in table:
+        print(f"{row['threshold']:9.2f}  {fmt(row['precision']):>9}  {fmt(row['recall']):>6}  "
+              f"{fmt(row['zoom_rate']):>9}  {fmt(row['accuracy']):>8}")

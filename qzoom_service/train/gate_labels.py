@@ -163,22 +163,33 @@ def check_resolutions(resolutions, top_group: int = 2) -> tuple[int, ...]:
 
 
 def make_answer_ladders(loaded, records: list[Record], resolutions, *, prompt_suffix: str = "",
-                        max_new_tokens: int = 16, progress: bool = False) -> LadderSet:
-    """Answer every record at every resolution with the engine's direct route (no gate, no RoI)."""
+                        max_new_tokens: int = 16, zoom_top: int = 0, progress: bool = False) -> LadderSet:
+    """Answer every record at every resolution with the engine's direct route (no gate, no RoI).
+
+    `zoom_top` > 0 (OUR deviation, not the paper's): the highest `zoom_top` rungs are answered through
+    the zoom route instead (coarse view at that budget + the checkpoint's SD-RPN RoI), so they act as
+    the oracle for a model that reads fine detail only through the zoom — a small model may never read
+    it directly at any resolution, and then every fine sample would be dropped as wrong at the top.
+    """
     from ..engine import QZoomEngine
 
     res = check_resolutions(resolutions)
+    if not 0 <= zoom_top <= len(res):
+        raise InvalidInput(f"zoom_top must be between 0 and {len(res)} (the ladder's length); got {zoom_top}")
+    if zoom_top and not loaded.branches.has_twig:
+        raise InvalidInput("zoom_top needs a checkpoint with a trained SD-RPN (twig) branch: train stage 1 first")
+    modes = ["direct"] * (len(res) - zoom_top) + ["zoom"] * zoom_top
     engine = QZoomEngine(loaded, EngineConfig(max_new_tokens=max_new_tokens, max_batch_size=len(res)))
     ladders = []
     for record in tqdm(records, desc="gate-labels", disable=not progress):
         image = open_image(record.image, record.where())
         requests = [Request(image, record.question, RequestOptions(
-            mode="direct", min_pixels=r * TOKEN_PIXELS, max_pixels=r * TOKEN_PIXELS, prompt_suffix=prompt_suffix,
-        )) for r in res]
+            mode=mode, min_pixels=r * TOKEN_PIXELS, max_pixels=r * TOKEN_PIXELS, prompt_suffix=prompt_suffix,
+        )) for r, mode in zip(res, modes)]
         answers = tuple(result.answer for result in engine.answer(requests))
         ladders.append(Ladder(record.uid, record.row, record.image, record.question, record.answer, res, answers))
     settings = dict(resolutions=list(res), prompt_suffix=prompt_suffix, max_new_tokens=max_new_tokens,
-                    model=loaded.model_id)
+                    zoom_top=zoom_top, model=loaded.model_id)
     return LadderSet(settings, ladders)
 
 

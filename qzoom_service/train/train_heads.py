@@ -35,7 +35,9 @@ from .loop import TrainConfig, TrainResult, fit, plan_batches, plan_digest
 from .rpn_labels import IGNORE, RPNSample
 
 __all__ = ["default_branch_shape", "branch_shape", "training_branches", "rpn_map", "gate_logit", "train_rpn",
-           "train_gate", "evaluate_rpn", "evaluate_gate"]
+           "train_gate", "evaluate_rpn", "evaluate_gate", "gate_calibration", "CALIBRATION_THRESHOLDS"]
+
+CALIBRATION_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 # Reference §0 defaults by decoder depth: Qwen2.5-VL-3B (36 layers) and -7B (28 layers).
 _KNOWN_SHAPES = {36: (24, 3), 28: (18, 3)}
@@ -262,3 +264,24 @@ def evaluate_gate(loaded, items: list, branches: QZoomBranches | None = None, pr
     """Mean BCE and accuracy (logit > 0 means zoom) on drawn items [(ladder, resolution, label)]."""
     return _gate_batch(loaded, loaded.branches if branches is None else branches, list(items), prompt_suffix,
                        backward=False)
+
+
+@torch.no_grad()
+def gate_calibration(loaded, items: list, branches: QZoomBranches | None = None, prompt_suffix: str = "",
+                     thresholds=CALIBRATION_THRESHOLDS) -> list[dict]:
+    """Precision / recall of "zoom" (gate score >= threshold, the engine's rule) against the drawn labels
+    of `items` [(ladder, resolution, label)], one row per threshold, plus the zoom rate and accuracy."""
+    branches = loaded.branches if branches is None else branches
+    scores = [float(torch.sigmoid(_gate_forward(loaded, branches, item, prompt_suffix))) for item in items]
+    labels = [bool(item[2]) for item in items]
+    rows = []
+    for t in thresholds:
+        zoom = [sc >= t for sc in scores]
+        tp = sum(z and y for z, y in zip(zoom, labels))
+        fp = sum(z and not y for z, y in zip(zoom, labels))
+        fn = sum(y and not z for z, y in zip(zoom, labels))
+        rows.append({"threshold": t, "precision": tp / (tp + fp) if tp + fp else None,
+                     "recall": tp / (tp + fn) if tp + fn else None,
+                     "zoom_rate": sum(zoom) / len(zoom) if zoom else None,
+                     "accuracy": sum(z == y for z, y in zip(zoom, labels)) / len(zoom) if zoom else None})
+    return rows

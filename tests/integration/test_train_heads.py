@@ -234,3 +234,62 @@ def test_a_save_killed_midway_leaves_no_complete_looking_checkpoint(tiny_loaded,
     assert not (tmp_path / "run" / "model").exists()
     resumed = train_rpn(tiny_loaded, rpn_samples, config, out_dir=tmp_path / "run", resume=True)
     assert resumed.start_step == 2 and (resumed.model_dir / "config.json").is_file()
+
+
+def test_zoom_top_rungs_are_answered_through_the_zoom_route(tiny_loaded, records):
+    from qzoom_service.config import TOKEN_PIXELS
+    from qzoom_service.train.gate_labels import make_answer_ladders
+
+    res = (16, 25, 36)
+    ladders = make_answer_ladders(tiny_loaded, records[:2], res, max_new_tokens=3, zoom_top=1)
+    assert ladders.settings["zoom_top"] == 1
+    engine = QZoomEngine(tiny_loaded, EngineConfig(max_new_tokens=3))
+    for ladder, record in zip(ladders.ladders, records):
+        image = _image(record)
+        ask = lambda r, mode: engine.answer([Request(image, record.question, RequestOptions(  # noqa: E731
+            mode=mode, min_pixels=r * TOKEN_PIXELS, max_pixels=r * TOKEN_PIXELS))])[0]
+        assert ladder.answers[0] == ask(16, "direct").answer
+        top = ask(36, "zoom")
+        assert top.route == "zoom" and ladder.answers[2] == top.answer
+
+
+def test_zoom_top_needs_a_trained_rpn(plain_checkpoint, records):
+    from qzoom_service.train.gate_labels import make_answer_ladders
+
+    with pytest.raises(InvalidInput, match="SD-RPN"):
+        make_answer_ladders(load_model(str(plain_checkpoint)), records[:1], (16, 25, 36), zoom_top=1)
+    with pytest.raises(InvalidInput, match="zoom_top"):
+        make_answer_ladders(load_model(str(plain_checkpoint)), records[:1], (16, 25, 36), zoom_top=4)
+
+
+def test_gate_calibration_table_matches_the_scores(tiny_loaded, gate_data):
+    from qzoom_service.train.train_heads import gate_calibration
+
+    items = gate_data.draw(0)
+    positives = sum(y for _, _, y in items)
+    table = gate_calibration(tiny_loaded, items, thresholds=(0.0, 0.5, 1.01))
+    always, _, never = table
+    assert always["zoom_rate"] == 1.0 and always["recall"] == 1.0
+    assert always["precision"] == pytest.approx(positives / len(items))
+    assert never["zoom_rate"] == 0.0 and never["recall"] == 0.0 and never["precision"] is None
+    assert never["accuracy"] == pytest.approx(1 - positives / len(items))
+    scores = [float(torch.sigmoid(_gate_score_logit(tiny_loaded, item))) for item in items]
+    assert table[1]["zoom_rate"] == pytest.approx(sum(s >= 0.5 for s in scores) / len(items))
+
+
+def _gate_score_logit(loaded, item):
+    ladder, res, _ = item
+    p = encode_at_budget(loaded.processor, open_image(ladder.image, "t"), ladder.question, res)
+    state = trunk_state(loaded.model, p, loaded.branches.gate_K)
+    with torch.no_grad():
+        return gate_logit(loaded.branches, state)
+
+
+def test_holdout_split_is_seeded_and_disjoint(gate_data):
+    from qzoom_service.train.cli import split_holdout
+
+    train, held = split_holdout(gate_data, 0.5)
+    again_train, again_held = split_holdout(gate_data, 0.5)
+    assert [l.uid for l in held.items] == [l.uid for l in again_held.items]
+    assert len(held.items) == 2 and len(train.items) == len(gate_data.items) - 2
+    assert not {l.uid for l in held.items} & {l.uid for l in train.items}
