@@ -9,10 +9,12 @@ Two splits, each scene drawn from an integer seed:
 
 Why these sizes: coarse questions ask about the single big shape (30-45 % of the short side), because a tiny
 model learns colour/shape from the coarse view only when one large object dominates. Fine questions ask about
-a glyph 12-16 px tall (``glyph_height`` 14 +- ``glyph_jitter`` 2) in a box of side 1.8x the glyph height
-(22-29 px). At the coarse budget (long side ~336 px, 28 px per merged token) that glyph is 3-4 px tall, far
-below one token, so the coarse view cannot answer; an ~84 px crop around it upsampled x4 shows it 48-64 px
-tall, which a tiny model can read. Fine answers therefore need the zoom.
+a glyph 22-26 px tall (``glyph_height`` 24 +- ``glyph_jitter`` 2) in a box of side 1.8x the glyph height
+(40-47 px). At the embedded model's coarse budget (144 tokens: 392x280 px for ``hr``, 280x364 for ``doc``) that
+glyph is 6-8 px tall, about half a 14 px patch and a quarter of a 28 px merged token, so the coarse view cannot
+answer. The zoom crop over the one or two grid cells around the box (~90-190 px) re-encoded at the same budget
+(~336 px) shows it 40-90 px tall, which a tiny model learns to read (glyphs of 10-14 px stayed at chance in
+every view: they are small against the patch, not lost). Fine answers therefore need the zoom.
 
 Glyphs are axis-aligned segment rectangles (seven-segment digits and letters, plus a centre stroke for T): no
 font file, no antialiasing. Exact colours keep them crisp under upsampling and make every drawn box checkable
@@ -63,7 +65,7 @@ TEXT_GREYS: tuple[RGB, ...] = ((110, 110, 110), (135, 135, 135), (160, 160, 160)
 TITLE_GREY: RGB = (60, 60, 60)
 
 _DEFAULT_SIZES = {"hr": {"width": 1344, "height": 1008}, "doc": {"width": 896, "height": 1152}}
-_DEFAULT_GLYPH = {"glyph_height": 14, "glyph_jitter": 2}
+_DEFAULT_GLYPH = {"glyph_height": 24, "glyph_jitter": 2}
 _SPLIT_CODE = {"hr": 1, "doc": 2}
 _SCENE_STREAM, _QUESTION_STREAM = 0, 1
 _MAX_TRIES = 200  # per target; bounded so a cramped canvas fails fast instead of looping
