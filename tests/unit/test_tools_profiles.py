@@ -59,8 +59,9 @@ def test_good_calls_resolve_to_the_recorded_target(profile, example):
     want = example["target"]
     assert (target.source.index, target.space) == (want["source"], want["space"])
     assert list(target.box) == pytest.approx(want["box"])
-    # What the service will crop (it truncates the top-left corner and rounds the bottom-right one).
-    x1, y1, x2, y2 = original_box(target)
+    # What the service will crop: it snaps float noise (6 decimals), truncates the top-left corner and
+    # rounds the bottom-right one.
+    x1, y1, x2, y2 = (round(v, 6) for v in original_box(target))
     assert [int(x1), int(y1), round(x2), round(y2)] == example["box_original"]
 
 

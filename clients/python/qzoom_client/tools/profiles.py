@@ -161,15 +161,24 @@ def _pixel_reasoner(args: dict, images: list[Observation]) -> Target:
     index = int(args["target_image"])
     source = _at(images, index - 1, f"target_image {index}")
     box = [float(v) for v in args["bbox_2d"]]
+    if box[2] <= box[0] or box[3] <= box[1]:  # checked here: the padding would turn it into a valid box
+        raise ToolError(f"box is empty or inverted: need x1 < x2 and y1 < y2; got {box}")
     if any(v > 1 for v in box):  # Pixel-Reasoner reads any value above 1 as pixels of the target
         box = [box[0] / source.width, box[1] / source.height, box[2] / source.width, box[3] / source.height]
+    if box[0] >= 1 or box[1] >= 1 or box[2] <= 0 or box[3] <= 0:  # the clamped padding would hide this too
+        raise ToolError(f"box {[round(v, 4) for v in box]} lies outside the target image; bbox_2d values are "
+                        "fractions 0-1 of its width and height")
     return Target(source, pad_norm1(box, PIXEL_REASONER_PAD), "norm1")
 
 
 def pad_norm1(box, pad: float) -> tuple[float, float, float, float]:
-    """Widen a 0-1 box by `pad` on each side, clamped to [0, 1]."""
-    x1, y1, x2, y2 = box
-    return max(0.0, x1 - pad), max(0.0, y1 - pad), min(1.0, x2 + pad), min(1.0, y2 + pad)
+    """Widen a 0-1 box by `pad` on each side, clamped to [0, 1].
+
+    Rounded to 1e-9 so that 0.6 - 0.1 is 0.5, not 0.4999...: the server truncates the top-left corner
+    to whole pixels and would otherwise lose one.
+    """
+    x1, y1, x2, y2 = (round(v, 9) for v in (box[0] - pad, box[1] - pad, box[2] + pad, box[3] + pad))
+    return max(0.0, x1), max(0.0, y1), min(1.0, x2), min(1.0, y2)
 
 
 def _mini_o3(args: dict, images: list[Observation]) -> Target:
