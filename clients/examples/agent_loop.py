@@ -60,9 +60,10 @@ def tool_response(outcomes: list[ToolResult | ToolError]) -> dict:
 
 
 def step_record(turn: str, outcomes: list[ToolResult | ToolError]) -> dict:
+    keep = ("crop_id", "img_idx", "box", "answer", "route")
     return {"assistant": turn, "results": [
         {"error": o.text, "code": o.code} if isinstance(o, ToolError)
-        else {"text": o.text, **{k: v for k, v in o.data.items() if k in ("crop_id", "img_idx", "box", "answer", "route")}}
+        else {"text": o.text, **{k: v for k, v in o.data.items() if k in keep}}
         for o in outcomes]}
 
 

@@ -61,11 +61,13 @@ def test_responses_errors_and_answers_are_text_outputs(session):
 
 
 def test_chat_tool_messages_are_text_then_one_user_message_carries_the_crops(session):
+    def call(call_id: str, arguments: str) -> dict:
+        return {"id": call_id, "type": "function", "function": {"name": "zoom_region", "arguments": arguments}}
+
     message = {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "zoom_region", "arguments": _zoom_arguments(session)}},
-        {"id": "call_2", "type": "function", "function": {"name": "zoom_region", "arguments": "{\"image_id\": 1}"}},
-        {"id": "call_3", "type": "function",
-         "function": {"name": "zoom_region", "arguments": _zoom_arguments(session, coord_space="norm1", bbox=[0.5, 0.5, 1, 1])}},
+        call("call_1", _zoom_arguments(session)),
+        call("call_2", '{"image_id": 1}'),
+        call("call_3", _zoom_arguments(session, coord_space="norm1", bbox=[0.5, 0.5, 1, 1])),
     ]}
     tool_1, tool_2, tool_3, user = run_chat_tool_calls(session, message)
     assert [m["role"] for m in (tool_1, tool_2, tool_3)] == ["tool"] * 3
@@ -82,5 +84,5 @@ def test_chat_tool_messages_are_text_then_one_user_message_carries_the_crops(ses
 def test_chat_turn_without_a_crop_adds_no_user_message(session):
     message = {"role": "assistant", "tool_calls": [
         {"id": "x", "type": "function", "function": {"name": "nope", "arguments": "{}"}}]}
-    assert run_chat_tool_calls(session, message) == [
-        {"role": "tool", "tool_call_id": "x", "content": "Error: unknown tool 'nope'; the tools are zoom_region and answer"}]
+    error = "Error: unknown tool 'nope'; the tools are zoom_region and answer"
+    assert run_chat_tool_calls(session, message) == [{"role": "tool", "tool_call_id": "x", "content": error}]

@@ -67,9 +67,9 @@ def test_stdio_upload_zoom_nested_zoom_answer_and_errors(qzoom_serve, image_path
         image_id = up.structured_content["image_id"]
         zoom = await session.call_tool("zoom_region", {"image_id": image_id, "bbox": [500, 500, 1000, 1000],
                                                        "label": "quarter"})
-        inner = await session.call_tool("zoom_region", {"image_id": image_id, "source": zoom.structured_content["crop_id"],
-                                                        "bbox": [0, 0, 0.5, 0.5], "coord_space": "norm1",
-                                                        "question": "What digit is there?"})
+        crop_id = zoom.structured_content["crop_id"]
+        inner = await session.call_tool("zoom_region", {"image_id": image_id, "source": crop_id, "coord_space": "norm1",
+                                                        "bbox": [0, 0, 0.5, 0.5], "question": "What digit is there?"})
         bad = await session.call_tool("zoom_region", {"image_id": image_id, "bbox": [1, 2, 3]})
         outside = await session.call_tool("zoom_region", {"image_id": image_id, "bbox": [1100, 1100, 1200, 1200]})
         answer = await session.call_tool("answer", {"question": "What colour is the box?"})
@@ -103,8 +103,9 @@ def test_stdio_profile_names_the_zoom_tool_and_counts_images(qzoom_serve, image_
     async def body(session):
         names = [t.name for t in (await session.list_tools()).tools]
         await session.call_tool("upload_image", {"data": data})
-        first = await session.call_tool("image_zoom_in_tool", {"bbox_2d": [0, 0, 500, 500], "label": "a", "img_idx": 0})
-        second = await session.call_tool("image_zoom_in_tool", {"bbox_2d": [0, 0, 500, 500], "label": "b", "img_idx": 1})
+        quarter = {"bbox_2d": [0, 0, 500, 500], "label": "q"}
+        first = await session.call_tool("image_zoom_in_tool", {**quarter, "img_idx": 0})
+        second = await session.call_tool("image_zoom_in_tool", {**quarter, "img_idx": 1})
         missing = await session.call_tool("upload_image", {})
         return names, first, second, missing
 

@@ -23,7 +23,8 @@ def test_the_core_tools_import_no_framework():
 
 @pytest.mark.parametrize("module,dependency,extra", INTEGRATIONS)
 def test_a_missing_extra_names_the_pip_command(monkeypatch, module, dependency, extra):
-    monkeypatch.setitem(sys.modules, dependency, None)  # makes `import dependency` raise ImportError
+    for name in [m for m in sys.modules if m == dependency or m.startswith(dependency + ".")] + [dependency]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError, even if loaded
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(ImportError, match=rf"pip install 'qzoom-client\[{extra}\]'"):
         importlib.import_module(module)

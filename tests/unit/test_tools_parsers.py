@@ -36,7 +36,8 @@ def test_missing_arguments_default_to_an_empty_object():
 def test_malformed_tool_calls_say_how_to_write_them(text, error):
     with pytest.raises(ToolError) as info:
         parse_tool_calls(text)
-    assert error in info.value.text and '<tool_call>{"name": "<tool>", "arguments": {...}}</tool_call>' in info.value.text
+    assert error in info.value.text
+    assert '<tool_call>{"name": "<tool>", "arguments": {...}}</tool_call>' in info.value.text
 
 
 def test_malformed_grounding_shows_the_expected_form():

@@ -4,13 +4,13 @@ A profile is a JSON Schema (`schemas/<name>.json`, shared by every integration) 
 validated arguments into a `Target`: which image of the conversation the box is relative to, and the
 service coordinate space it is in. The server maps the box back to original pixels (composing crops).
 
-| profile          | tool name               | box space                          | image reference                     |
-|------------------|-------------------------|------------------------------------|-------------------------------------|
-| generic          | zoom_region             | coord_space: norm1000, norm1, pixel | image_id + source (crop_id)        |
-| deepeyes         | image_zoom_in_tool      | pixels of the image the model saw  | always the first image              |
-| qwen3vl          | image_zoom_in_tool      | 0-1000                             | img_idx, 0-based, crops included    |
-| pixel_reasoner   | crop_image_normalized   | 0-1 (+0.1 context on each side)    | target_image, 1-based, 1 = original |
-| mini_o3          | grounding (text tag)    | 0-1                                | source: original_image/observation_k |
+| profile        | tool name             | box space                           | image reference                      |
+|----------------|-----------------------|-------------------------------------|--------------------------------------|
+| generic        | zoom_region           | coord_space: norm1000, norm1, pixel | image_id + source (crop_id)          |
+| deepeyes       | image_zoom_in_tool    | pixels of the image the model saw   | always the first image               |
+| qwen3vl        | image_zoom_in_tool    | 0-1000                              | img_idx, 0-based, crops included     |
+| pixel_reasoner | crop_image_normalized | 0-1 (+0.1 context on each side)     | target_image, 1-based, 1 = original  |
+| mini_o3        | grounding (text tag)  | 0-1                                 | source: original_image/observation_k |
 """
 
 from __future__ import annotations
