@@ -38,7 +38,8 @@ class ToolSession:
     """A conversation's images and tool calls against one service (a `QZoomClient`).
 
     `profile` picks the zoom tool's schema and image reference (see `profiles.py`); an `answer` tool
-    (the service's own coarse -> gate -> zoom path) is available in every profile.
+    (the service's own coarse -> gate -> zoom path) is available in every profile. `answer_options`
+    (mode, max_new_tokens, gate_threshold, ...) apply to every question the session sends.
     """
 
     def __init__(self, client: QZoomClient, profile: str = "generic", **answer_options):
