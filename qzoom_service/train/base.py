@@ -154,24 +154,29 @@ def _build_batch(args) -> list[BaseExample]:
 
 class _Examples:
     """Examples of the planned batches, in order; with workers, built ahead in forked processes (drawing
-    and resizing full-size images costs as much as a training step on a CPU)."""
+    and resizing full-size images costs as much as a training step on a CPU). At most `ahead` batches
+    wait at a time: finished examples sit in shared memory until used, so unbounded read-ahead grows it
+    without limit whenever the workers outpace training."""
 
-    def __init__(self, example_for, batches, seed: int, workers: int):
+    def __init__(self, example_for, batches, seed: int, workers: int, ahead: int = 4):
         self.example_for, self.batches, self.seed, self.workers = example_for, batches, seed, workers
-        self.pool, self.stream, self.position = None, None, None
+        self.ahead = max(ahead, workers)
+        self.pool, self.pending, self.position = None, [], None
 
     def __call__(self, batch) -> list[BaseExample]:
         if self.workers == 0:
             return [self.example_for(i, random.Random(_stable_seed(self.seed, "example", i))) for i in batch]
-        if self.stream is None:  # the first batch asked for is where this (possibly resumed) run starts
+        if self.pool is None:  # the first batch asked for is where this (possibly resumed) run starts
             self.position = next(n for n, b in enumerate(self.batches) if b is batch)
             self.pool = multiprocessing.get_context("fork").Pool(self.workers, _worker_init, (self.example_for,))
-            todo = [(b, self.seed) for b in self.batches[self.position:]]
-            self.stream = self.pool.imap(_build_batch, todo, chunksize=1)
+            self.queued = self.position
         if self.batches[self.position] is not batch:
             raise RuntimeError("batches requested out of plan order")
+        while self.queued < len(self.batches) and self.queued < self.position + self.ahead:
+            self.pending.append(self.pool.apply_async(_build_batch, ((self.batches[self.queued], self.seed),)))
+            self.queued += 1
         self.position += 1
-        return next(self.stream)
+        return self.pending.pop(0).get()
 
     def close(self) -> None:
         if self.pool is not None:

@@ -150,3 +150,30 @@ def test_drop_branch_keys_also_cleans_text_config(tmp_path):
     path.write_text(json.dumps({"twig_K": 2, "keep": 1, "text_config": {"high_res_K": 2, "hidden_size": 8}}))
     drop_branch_keys(path)
     assert json.loads(path.read_text()) == {"keep": 1, "text_config": {"hidden_size": 8}}
+
+
+def test_workers_build_the_same_examples_in_plan_order_from_a_resumed_position():
+    from qzoom_service.train.base import _Examples
+
+    def example_for(i, rng):
+        return (i, rng.random())
+
+    batches = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    inline = _Examples(example_for, batches, seed=3, workers=0)
+    ahead = _Examples(example_for, batches, seed=3, workers=1, ahead=2)
+    try:
+        # Start at batch 1, as a resumed run does; the read-ahead window never exceeds `ahead`.
+        got = []
+        for b in batches[1:]:
+            got.append(ahead(b))
+            assert len(ahead.pending) <= 2
+    finally:
+        ahead.close()
+    assert got == [inline(b) for b in batches[1:]]
+    with pytest.raises(RuntimeError, match="order"):
+        fresh = _Examples(example_for, batches, seed=3, workers=1)
+        try:
+            fresh(batches[0])
+            fresh(batches[2])
+        finally:
+            fresh.close()
