@@ -149,7 +149,22 @@ def _worker_init(example_for) -> None:
 
 def _build_batch(args) -> list[BaseExample]:
     batch, seed = args
-    return [_WORKER_EXAMPLE_FOR(i, random.Random(_stable_seed(seed, "example", i))) for i in batch]
+    return [_to_numpy(_WORKER_EXAMPLE_FOR(i, random.Random(_stable_seed(seed, "example", i)))) for i in batch]
+
+
+def _convert(ex: BaseExample, fn) -> BaseExample:
+    crop = None if ex.crop is None else (fn(ex.crop[0]), fn(ex.crop[1]), ex.crop[2])
+    return BaseExample(fn(ex.pixel_values), fn(ex.grid_thw), fn(ex.input_ids), ex.answer_len, crop)
+
+
+def _to_numpy(ex: BaseExample) -> BaseExample:
+    # Tensors would cross the process boundary as shared-memory file descriptors; thousands of those
+    # exhaust the descriptor passing and hang the pool. Plain arrays travel as bytes through the pipe.
+    return _convert(ex, lambda t: t.numpy())
+
+
+def _from_numpy(ex: BaseExample) -> BaseExample:
+    return _convert(ex, torch.from_numpy)
 
 
 class _Examples:
@@ -176,7 +191,7 @@ class _Examples:
             self.pending.append(self.pool.apply_async(_build_batch, ((self.batches[self.queued], self.seed),)))
             self.queued += 1
         self.position += 1
-        return self.pending.pop(0).get()
+        return [_from_numpy(ex) for ex in self.pending.pop(0).get()]
 
     def close(self) -> None:
         if self.pool is not None:
