@@ -128,7 +128,8 @@ def cmd_bench(args) -> int:
 def cmd_synth(args) -> int:
     from .bench.synthetic import generate, write_dataset
 
-    path = write_dataset(generate(args.split, args.n, args.seed, fine_fraction=args.fine_fraction), args.out)
+    samples = generate(args.split, args.n, args.seed, fine_fraction=args.fine_fraction, targets=args.targets)
+    path = write_dataset(samples, args.out)
     print(path)
     return 0
 
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n", type=int, default=200)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--fine-fraction", type=float, default=0.5)
+    synth.add_argument("--targets", choices=["marks", "glyphs"], default="marks",
+                       help="small targets: shape marks (the embedded model's task) or digits/letters")
     synth.add_argument("--out", required=True, help="directory for data.jsonl and images/")
     synth.set_defaults(func=cmd_synth)
 

@@ -3,22 +3,26 @@
 Two splits, each scene drawn from an integer seed:
 
 * ``hr`` (default 1344x1008): plain or mildly noisy light background, ONE big coloured shape and 1-3 tiny
-  bordered boxes, each holding one digit.
+  bordered boxes, each holding one small target.
 * ``doc`` (default 896x1152): white page with a title bar, grey bars imitating text lines, one big coloured
-  shape as a figure, and 1-2 tiny bordered boxes among the lines, each holding a digit or an uppercase letter.
+  shape as a figure, and 1-2 tiny bordered boxes among the lines, each holding one small target.
+
+Targets (``targets=``): ``"marks"`` (default) — a small dark circle, square or triangle, asked as "What shape
+is in the small box?"; ``"glyphs"`` — a seven-segment digit (``hr``) or digit/letter (``doc``). The embedded
+model reads marks; glyphs are harder for a tiny model (see the model card) and stay available.
 
 Why these sizes: coarse questions ask about the single big shape (30-45 % of the short side), because a tiny
 model learns colour/shape from the coarse view only when one large object dominates. Fine questions ask about
-a glyph 22-26 px tall (``glyph_height`` 24 +- ``glyph_jitter`` 2) in a box of side 1.8x the glyph height
-(40-47 px). At the embedded model's coarse budget (144 tokens: 392x280 px for ``hr``, 280x364 for ``doc``) that
-glyph is 6-8 px tall, about half a 14 px patch and a quarter of a 28 px merged token, so the coarse view cannot
-answer. The zoom crop over the one or two grid cells around the box (~90-190 px) re-encoded at the same budget
-(~336 px) shows it 40-90 px tall, which a tiny model learns to read (glyphs of 10-14 px stayed at chance in
-every view: they are small against the patch, not lost). Fine answers therefore need the zoom.
+a target 22-26 px tall (``glyph_height`` 24 +- ``glyph_jitter`` 2) in a box of side 1.8x that height
+(40-47 px). At the embedded model's coarse budget (144 tokens: 392x280 px for ``hr``, 280x364 for ``doc``) the
+target is 6-8 px tall, about half a 14 px patch and a quarter of a 28 px merged token, so the coarse view
+cannot tell its shape. The zoom crop over the one or two grid cells around the box (~90-190 px) re-encoded at
+the same budget (~336 px) shows it 40-90 px tall. Fine answers therefore need the zoom.
 
-Glyphs are axis-aligned segment rectangles (seven-segment digits and letters, plus a centre stroke for T): no
-font file, no antialiasing. Exact colours keep them crisp under upsampling and make every drawn box checkable
-pixel by pixel (the border of a target box covers exactly ``target_box``, end-exclusive).
+Glyphs are axis-aligned segment rectangles (seven-segment digits and letters, plus a centre stroke for T) and
+marks are filled polygons: no font file, no antialiasing on the box. Exact colours keep targets crisp under
+upsampling and make every drawn box checkable pixel by pixel (the border of a target box covers exactly
+``target_box``, end-exclusive).
 
 Every sample derives from (seed, split, index) through SHA-256, never Python's salted ``hash()``, so sample i
 does not depend on n or on the process. Scene and question use separate streams: ``fine_fraction`` changes
@@ -38,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = ["ANSWER_VOCAB", "COLOURS", "SHAPES", "DIGITS", "LETTERS", "SPLITS", "Sample", "Scene", "Target",
-           "box_contains", "box_side", "boxes_overlap", "chance_accuracy", "generate", "glyph_rects", "glyph_size",
+           "TARGET_KINDS", "box_contains", "box_side", "boxes_overlap", "chance_accuracy", "generate", "glyph_rects", "glyph_size",
            "iter_samples", "make_sample", "make_scene", "write_dataset"]
 
 Box = tuple[int, int, int, int]
@@ -54,7 +58,9 @@ LETTERS = tuple("ACEFHLPTU")  # only letters a segment display draws unambiguous
 ANSWER_VOCAB: dict[str, list[str]] = {"colour": list(COLOURS), "shape": list(SHAPES),
                                       "digit": list(DIGITS), "letter": list(LETTERS)}
 ANSWER_VOCAB["coarse"] = ANSWER_VOCAB["colour"] + ANSWER_VOCAB["shape"]
-ANSWER_VOCAB["fine"] = ANSWER_VOCAB["digit"] + ANSWER_VOCAB["letter"]
+ANSWER_VOCAB["mark"] = list(SHAPES)  # fine questions of the default `targets="marks"`
+ANSWER_VOCAB["glyph"] = ANSWER_VOCAB["digit"] + ANSWER_VOCAB["letter"]  # fine questions of `targets="glyphs"`
+ANSWER_VOCAB["fine"] = ANSWER_VOCAB["mark"]
 
 # Dark inks: contrast with the white box interior and never equal a (saturated) border colour.
 INKS: tuple[RGB, ...] = ((20, 20, 20), (20, 30, 120), (110, 20, 20), (20, 80, 30))
@@ -65,7 +71,8 @@ TEXT_GREYS: tuple[RGB, ...] = ((110, 110, 110), (135, 135, 135), (160, 160, 160)
 TITLE_GREY: RGB = (60, 60, 60)
 
 _DEFAULT_SIZES = {"hr": {"width": 1344, "height": 1008}, "doc": {"width": 896, "height": 1152}}
-_DEFAULT_GLYPH = {"glyph_height": 24, "glyph_jitter": 2}
+_DEFAULT_GLYPH = {"glyph_height": 24, "glyph_jitter": 2, "targets": "marks"}
+TARGET_KINDS = ("marks", "glyphs")
 _SPLIT_CODE = {"hr": 1, "doc": 2}
 _SCENE_STREAM, _QUESTION_STREAM = 0, 1
 _MAX_TRIES = 200  # per target; bounded so a cramped canvas fails fast instead of looping
@@ -105,7 +112,7 @@ class Sample:
     split: str
     seed: int
     index: int
-    answer_set: str = ""  # key of ANSWER_VOCAB for this exact question type: colour, shape, digit, letter
+    answer_set: str = ""  # key of ANSWER_VOCAB for this exact question type: colour, shape, mark, digit, letter
 
     def to_record(self, image_path) -> dict:
         return {"image": str(image_path), "question": self.question, "answer": self.answer, "kind": self.kind,
@@ -113,7 +120,7 @@ class Sample:
 
 
 def chance_accuracy(kind: str) -> float:
-    """Accuracy of a uniform guess over ANSWER_VOCAB[kind] (kind: coarse, fine, colour, shape, digit, letter)."""
+    """Accuracy of a uniform guess over ANSWER_VOCAB[kind] (kind: coarse, fine, colour, shape, mark, digit, letter)."""
     return 1.0 / len(ANSWER_VOCAB[kind])
 
 
@@ -164,6 +171,11 @@ def _draw_target(draw: ImageDraw.ImageDraw, target: Target) -> None:
     x1, y1, x2, y2 = target.box
     border = max(2, round(target.glyph_height / 7))
     draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=BOX_FILL, outline=COLOURS[target.border], width=border)
+    if target.char in SHAPES:  # a mark: the shape in ink, glyph_height square, centred
+        side = target.glyph_height
+        mx, my = x1 + (x2 - x1 - side) // 2, y1 + (y2 - y1 - side) // 2
+        _draw_shape(draw, target.char, (mx, my, mx + side, my + side), target.ink)
+        return
     gw, gh = glyph_size(target.glyph_height)
     gx, gy = x1 + (x2 - x1 - gw) // 2, y1 + (y2 - y1 - gh) // 2
     for rect in glyph_rects(target.char, gx, gy, target.glyph_height):
@@ -216,7 +228,7 @@ def _big_shape(rng: random.Random, width: int, height: int, area: Box) -> tuple[
     return shape, colour, _place_square(rng, side, area)
 
 
-def _hr_scene(rng: random.Random, width: int, height: int, glyph_height: int) -> Scene:
+def _hr_scene(rng: random.Random, width: int, height: int, glyph_height: int, targets: str) -> Scene:
     base = np.array(rng.choice(HR_BACKGROUNDS), dtype=np.int16)
     amp = rng.choice((0, 4, 6))  # 0 = plain; otherwise mild per-pixel noise so the background is not flat
     noise = np.random.default_rng(rng.getrandbits(64)).integers(-amp, amp + 1, size=(height, width, 1), dtype=np.int16)
@@ -226,10 +238,11 @@ def _hr_scene(rng: random.Random, width: int, height: int, glyph_height: int) ->
     area = (margin, margin, width - margin, height - margin)
     shape, colour, shape_box = _big_shape(rng, width, height, area)
     _draw_shape(draw, shape, shape_box, COLOURS[colour])
-    targets = _make_targets(rng, rng.randint(1, 3), DIGITS, glyph_height, area, [shape_box])
-    for target in targets:
+    chars = SHAPES if targets == "marks" else DIGITS
+    drawn = _make_targets(rng, rng.randint(1, 3), chars, glyph_height, area, [shape_box])
+    for target in drawn:
         _draw_target(draw, target)
-    return Scene(image, "hr", shape, colour, shape_box, targets)
+    return Scene(image, "hr", shape, colour, shape_box, drawn)
 
 
 def _draw_text_lines(rng: random.Random, draw: ImageDraw.ImageDraw, area: Box, glyph_height: int) -> None:
@@ -246,7 +259,7 @@ def _draw_text_lines(rng: random.Random, draw: ImageDraw.ImageDraw, area: Box, g
         y += pitch
 
 
-def _doc_scene(rng: random.Random, width: int, height: int, glyph_height: int) -> Scene:
+def _doc_scene(rng: random.Random, width: int, height: int, glyph_height: int, targets: str) -> Scene:
     image = Image.new("RGB", (width, height), PAGE)
     draw = ImageDraw.Draw(image)
     margin = max(16, width // 14)
@@ -259,11 +272,12 @@ def _doc_scene(rng: random.Random, width: int, height: int, glyph_height: int) -
     figure = _pad(shape_box, max(4, glyph_height))  # white frame: the figure interrupts the text lines
     _fill(draw, figure, PAGE)
     _draw_shape(draw, shape, shape_box, COLOURS[colour])
-    targets = _make_targets(rng, rng.randint(1, 2), DIGITS + LETTERS, glyph_height, body, [figure])
-    for target in targets:
+    chars = SHAPES if targets == "marks" else DIGITS + LETTERS
+    drawn = _make_targets(rng, rng.randint(1, 2), chars, glyph_height, body, [figure])
+    for target in drawn:
         _fill(draw, _pad(target.box, 4), PAGE)  # keep text bars off the border so it stays crisp
         _draw_target(draw, target)
-    return Scene(image, "doc", shape, colour, shape_box, targets)
+    return Scene(image, "doc", shape, colour, shape_box, drawn)
 
 
 # --- public generators -------------------------------------------------------------------------------------
@@ -276,6 +290,8 @@ def _settings(split: str, overrides: dict) -> dict:
     if unknown:
         raise TypeError(f"unknown size override(s) {sorted(unknown)}; allowed: {sorted(settings)}")
     settings.update(overrides)
+    if settings["targets"] not in TARGET_KINDS:
+        raise ValueError(f"targets must be one of {', '.join(TARGET_KINDS)}; got {settings['targets']!r}")
     if settings["glyph_height"] - settings["glyph_jitter"] < 5 or settings["glyph_jitter"] < 0:
         raise ValueError("glyph_height - glyph_jitter must be >= 5 px (and glyph_jitter >= 0)")
     return settings
@@ -287,15 +303,15 @@ def make_scene(split: str, seed: int, index: int, **size_overrides) -> Scene:
     rng = random.Random(_stable_seed(seed, _SPLIT_CODE[split], index, _SCENE_STREAM))
     glyph_height = s["glyph_height"] + rng.randint(-s["glyph_jitter"], s["glyph_jitter"])
     build = _hr_scene if split == "hr" else _doc_scene
-    return build(rng, s["width"], s["height"], glyph_height)
+    return build(rng, s["width"], s["height"], glyph_height, s["targets"])
 
 
 def _ask(rng: random.Random, scene: Scene, fine_fraction: float) -> tuple[str, str, str, str, Box]:
     if rng.random() < fine_fraction:
         target = rng.choice(scene.targets)
-        what = "digit" if target.char in DIGITS else "letter"
+        what = "shape" if target.char in SHAPES else "digit" if target.char in DIGITS else "letter"
         where = "the small box" if len(scene.targets) == 1 else f"the small {target.border} box"
-        return f"What {what} is in {where}?", target.char, "fine", what, target.box
+        return f"What {what} is in {where}?", target.char, "fine", "mark" if what == "shape" else what, target.box
     if rng.random() < 0.5:
         return "What colour is the big shape?", scene.colour, "coarse", "colour", scene.shape_box
     return "What shape is the big object?", scene.shape, "coarse", "shape", scene.shape_box
@@ -319,7 +335,7 @@ def iter_samples(split: str, seed: int, start: int = 0, *, fine_fraction: float 
 
 
 def generate(split: str, n: int, seed: int, *, fine_fraction: float = 0.5, **size_overrides) -> list[Sample]:
-    """Samples 0..n-1 of (split, seed); overrides: width, height, glyph_height, glyph_jitter."""
+    """Samples 0..n-1 of (split, seed); overrides: width, height, glyph_height, glyph_jitter, targets."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return [make_sample(split, seed, i, fine_fraction=fine_fraction, **size_overrides) for i in range(n)]

@@ -130,8 +130,10 @@ def test_answers_in_vocab_both_kinds_and_splits(samples):
             assert s.answer in syn.ANSWER_VOCAB[s.kind]
             assert s.answer in syn.ANSWER_VOCAB[s.answer_set]
             assert syn.box_contains((0, 0, *s.image.size), s.target_box)
-    assert any(s.answer_set == "letter" for s in samples["doc"])
-    assert all(s.answer_set != "letter" for s in samples["hr"])
+    assert all(s.answer_set == "mark" for s in _fine(samples))  # the default targets
+    assert any(s.answer_set == "letter" for s in syn.generate("doc", 20, 7, targets="glyphs"))
+    assert all(s.answer_set in ("digit", "coarse", "colour", "shape")
+               for s in syn.generate("hr", 20, 7, targets="glyphs"))
     assert syn.chance_accuracy("digit") == pytest.approx(0.1)
     assert syn.chance_accuracy("shape") == pytest.approx(1 / 3)
 
