@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token budgets of the baseline (the largest is the full-resolution baseline)")
     bench.add_argument("--coarse-tokens", type=int, nargs="+", default=[144, 256], help="Q-Zoom coarse budgets")
     bench.add_argument("--gate-thresholds", type=float, nargs="+", help="default: the checkpoint's")
-    bench.add_argument("--max-new-tokens", type=int, default=4)
+    bench.add_argument("--max-new-tokens", type=int, default=12, help="byte-level tokenizers spend one token per letter")
     _engine_args(bench)
     bench.set_defaults(func=cmd_bench)
 

@@ -94,7 +94,7 @@ class _Tally:
 
 
 def run_bench(engine, *, split: str = "hr", n: int = 40, seed: int = 1000, methods: list[Method] | None = None,
-              out_dir: str | Path | None = None, overlays: int = 4, max_new_tokens: int = 4) -> dict:
+              out_dir: str | Path | None = None, overlays: int = 4, max_new_tokens: int = 12) -> dict:
     samples = generate(split, n, seed)
     methods = methods or default_methods()
     summary: dict = {}
