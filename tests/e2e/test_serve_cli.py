@@ -37,7 +37,7 @@ def served(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"qzoom serve did not become ready:\n{log.read_text()[-3000:]}")
             time.sleep(1)
-        assert f"127.0.0.1:{grpc_port}" in log.read_text() and "tiny RANDOM model" in log.read_text()
+        assert f"127.0.0.1:{grpc_port}" in log.read_text() and "tiny RANDOM model" not in log.read_text()
         yield f"127.0.0.1:{grpc_port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -69,3 +69,15 @@ def test_ask_and_zoom_against_qzoom_serve(served, tmp_path):
     assert z["answer"] is not None and z["visual_tokens"]["zoom"] > 0
     missing = _run("ask", "--addr", served, "--image", "f" * 64, "--question", "q")
     assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
+
+
+def test_the_embedded_model_answers_through_the_service(served, tmp_path):
+    from qzoom_service.bench.synthetic import make_sample
+
+    sample = make_sample("hr", 4242, 0, fine_fraction=0.0)  # held out: training used seed 7 and neighbours
+    image = tmp_path / "scene.png"
+    sample.image.save(image)
+    ask = _run("ask", "--addr", served, "--image", str(image), "--question", sample.question, "--json")
+    assert ask.returncode == 0, ask.stderr
+    answer = json.loads(ask.stdout)
+    assert answer["answer"] and answer["visual_tokens"]["coarse"] <= 144
