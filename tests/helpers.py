@@ -1,6 +1,14 @@
-"""Deterministic test inputs."""
+"""Deterministic test inputs, and `qzoom serve` as a subprocess."""
 
 from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -14,3 +22,41 @@ def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
     draw = ImageDraw.Draw(img)
     draw.rectangle([width // 3, height // 3, width // 2, height // 2], fill=(255, 0, 0))
     return img
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def qzoom_serve(log, *args: str, timeout: float = 240):
+    """Run the real `qzoom serve` (embedded default unless `args` say otherwise) with its output in `log`;
+    yield its gRPC address once it says it is serving, stop it afterwards."""
+    import pytest
+
+    grpc_port, http_port = free_port(), free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "qzoom_service.cli", "serve", "--grpc-port", str(grpc_port),
+                                 "--http-port", str(http_port), *args], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while "qzoom serving gRPC on" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"qzoom serve did not become ready:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield f"127.0.0.1:{grpc_port}"
+    finally:
+        # SIGTERM to `qzoom serve` alone lets it shut Serve and its own Ray cluster down in order; then the
+        # process group (Ray's daemons) goes. No machine-wide `ray stop`: other Ray clusters may be running.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -3,49 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
 
-from ..helpers import make_image
+from ..helpers import make_image, qzoom_serve
 
 QZOOM = [sys.executable, "-m", "qzoom_service.cli"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    grpc_port, http_port = _free_port(), _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(QZOOM + ["serve", "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while "qzoom serving gRPC on" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"qzoom serve did not become ready:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        assert f"127.0.0.1:{grpc_port}" in log.read_text() and "tiny RANDOM model" not in log.read_text()
-        yield f"127.0.0.1:{grpc_port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    with qzoom_serve(log) as addr:
+        assert addr.rsplit(":", 1)[1] in log.read_text() and "tiny RANDOM model" not in log.read_text()
+        yield addr
 
 
 def _run(*args) -> subprocess.CompletedProcess:
