@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from qzoom_service.bench.synthetic import generate, make_sample, write_dataset
+from qzoom_service.bench.synthetic import box_contains, generate, make_sample, write_dataset
 from qzoom_service.config import TOKEN_PIXELS, RequestOptions
 from qzoom_service.engine import QZoomEngine
 from qzoom_service.heads import QZoomBranches
@@ -166,23 +166,21 @@ def teacher_hit_rate(pseudo, records) -> dict:
     tri-state foreground, falls on a grid cell the target box touches."""
     boxes = {r.uid: r.extra["target_box"] for r in records}
     peak_hits = fg_hits = usable = 0
+    chance = 0.0  # a uniformly random peak lands on the target's cells with probability (its cells / all)
     for s in pseudo.samples:
         hw = tuple(s.grounding.shape)
         x0, y0, x1, y1 = original_to_cell_box(boxes[s.uid], hw, s.original_size)
         target = torch.zeros(hw, dtype=torch.bool)
         target[y0:y1, x0:x1] = True
-        peak = int(s.grounding.flatten().argmax())
-        peak_hits += bool(target.flatten()[peak])
+        chance += float(target.float().mean())
+        peak_hits += bool(target.flatten()[int(s.grounding.flatten().argmax())])
         labels = tri_state_labels(s.grounding, s.sink, s.original_size, square_padded=False)
         if bool((labels != IGNORE).any()):
             usable += 1
             fg_hits += bool((target & (labels == 1)).any())
     n = max(1, len(pseudo.samples))
     return {"samples": len(pseudo.samples), "peak_hit_rate": peak_hits / n, "usable": usable,
-            "fg_hit_rate": fg_hits / max(1, usable), "chance": float(sum(
-                (lambda b: (b[2] - b[0]) * (b[3] - b[1]))(original_to_cell_box(boxes[s.uid], tuple(s.grounding.shape),
-                                                                               s.original_size))
-                / s.grounding.numel() for s in pseudo.samples) / n)}
+            "fg_hit_rate": fg_hits / max(1, usable), "chance": chance / n}
 
 
 def stage_rpn(work: Path, args) -> Path:
@@ -254,11 +252,12 @@ def calibrate_roi(work: Path, args) -> float:
     engine = QZoomEngine(loaded)
     budget = COARSE_TOKENS * TOKEN_PIXELS
     options = RequestOptions(mode="zoom", min_pixels=budget, max_pixels=budget, roi_threshold=0.05)
-    maps = []
+    maps, samples = [], 0
     for split in ("hr", "doc"):
         for s in generate(split, args.roi_calibration // 2, TRAIN_SEED + 200, fine_fraction=1.0):
+            samples += 1
             plan = engine.route([Request(s.image, s.question, options)])[0]
-            if plan.roi_map is not None:
+            if plan.roi_map is not None:  # None: nothing above even the lowest threshold (a miss at every one)
                 maps.append((torch.tensor(plan.roi_map), s))
     rows = []
     for t in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5):
@@ -266,10 +265,9 @@ def calibrate_roi(work: Path, args) -> float:
         for prob, s in maps:
             _, box = map_to_box(prob, t, s.image.size)
             if box is not None:
-                hits += box[0] <= s.target_box[0] and box[1] <= s.target_box[1] and \
-                    s.target_box[2] <= box[2] and s.target_box[3] <= box[3]
+                hits += box_contains(box, s.target_box)
                 areas.append((box[2] - box[0]) * (box[3] - box[1]))
-        rows.append({"threshold": t, "hit_rate": hits / max(1, len(maps)),
+        rows.append({"threshold": t, "hit_rate": hits / max(1, samples),
                      "mean_box_side": (sum(areas) / len(areas)) ** 0.5 if areas else None})
     best = max(r["hit_rate"] for r in rows)
     chosen = max(r["threshold"] for r in rows if r["hit_rate"] >= best - 0.02)

@@ -18,7 +18,6 @@ from its index and the seed, so a resumed run replays the same batches.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import random
@@ -36,7 +35,7 @@ from ..preprocess import MERGE, preresize
 from ..rpn import cell_box_to_original, original_to_cell_box
 from ..zoom import encode_crop, splice_roi
 from .checkpoint import atomic_dir
-from .loop import TrainConfig, fit, plan_batches, plan_digest
+from .loop import TrainConfig, _stable_seed, fit, plan_batches, plan_digest
 
 __all__ = ["BaseExample", "make_example", "batch_loss", "train_base", "save_base"]
 
@@ -134,10 +133,6 @@ def batch_loss(model, examples: list[BaseExample], reuse_src_pos: bool) -> tuple
     return loss, exact
 
 
-def _stable_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(",".join(map(str, parts)).encode()).digest()[:8], "big")
-
-
 _WORKER_EXAMPLE_FOR = None
 
 
@@ -147,9 +142,14 @@ def _worker_init(example_for) -> None:
     _WORKER_EXAMPLE_FOR = example_for
 
 
+def _build(example_for, batch, seed: int) -> list[BaseExample]:
+    """The examples of `batch`; each index gets its own seeded stream, so where it is built does not matter."""
+    return [example_for(i, random.Random(_stable_seed(seed, "example", i))) for i in batch]
+
+
 def _build_batch(args) -> list[BaseExample]:
     batch, seed = args
-    return [_to_numpy(_WORKER_EXAMPLE_FOR(i, random.Random(_stable_seed(seed, "example", i)))) for i in batch]
+    return [_to_numpy(ex) for ex in _build(_WORKER_EXAMPLE_FOR, batch, seed)]
 
 
 def _convert(ex: BaseExample, fn) -> BaseExample:
@@ -180,7 +180,7 @@ class _Examples:
 
     def __call__(self, batch) -> list[BaseExample]:
         if self.workers == 0:
-            return [self.example_for(i, random.Random(_stable_seed(self.seed, "example", i))) for i in batch]
+            return _build(self.example_for, batch, self.seed)
         if self.pool is None:  # the first batch asked for is where this (possibly resumed) run starts
             self.position = next(n for n, b in enumerate(self.batches) if b is batch)
             self.pool = multiprocessing.get_context("fork").Pool(self.workers, _worker_init, (self.example_for,))

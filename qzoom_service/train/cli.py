@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InvalidInput
@@ -222,9 +224,6 @@ def cmd_gate(args) -> int:
 
 def split_holdout(dataset, fraction: float):
     """(train, held-out) GateDatasets: a seeded `fraction` of the filtered pool is held out."""
-    from dataclasses import replace
-    import random
-
     items = list(dataset.items)
     random.Random(dataset.seed).shuffle(items)
     n = int(round(fraction * len(items)))
