@@ -85,6 +85,10 @@ def add_train_subcommands(subparsers) -> argparse.ArgumentParser:
     rpn.add_argument("--blur", type=int, choices=[0, 3], default=3)
     rpn.add_argument("--token-budget", type=int, default=576, help="boxes mode: image tokens")
     rpn.add_argument("--no-square-pad", action="store_true", help="boxes mode: do not pad images to a square")
+    rpn.add_argument("--touched-cells", choices=["ignore", "foreground"], default="ignore",
+                     help="boxes mode: label for cells a box overlaps without holding its centre")
+    rpn.add_argument("--pos-weight", type=float, default=1.0,
+                     help="weight of foreground cells in the BCE (1 = the reference; >1 for targets of 1-2 cells)")
     _optim(rpn)
     rpn.set_defaults(func=cmd_rpn)
 
@@ -175,11 +179,11 @@ def cmd_rpn(args) -> int:
         log.info("%d samples; %d dropped (all cells ignored: box too large or peak too weak)", len(samples), dropped)
     else:
         samples = rpn_samples_from_boxes(_records(args, loaded.processor.tokenizer), token_budget=args.token_budget,
-                                         pad_square=not args.no_square_pad)
+                                         pad_square=not args.no_square_pad, touched=args.touched_cells)
     samples = samples[: args.limit] if args.limit else samples
     result = train_rpn(loaded, samples, _config(args), K=args.K, T=args.T,
                        init_from_trunk=not args.no_init_from_trunk, out_dir=args.out, resume=args.resume,
-                       progress=not args.quiet)
+                       progress=not args.quiet, pos_weight=args.pos_weight)
     _report(result)
     return 0
 

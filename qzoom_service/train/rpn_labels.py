@@ -255,13 +255,18 @@ def tri_state_labels(grounding: torch.Tensor, sink: torch.Tensor | None, origina
     return labels
 
 
-def labels_from_boxes(target_box, grid: tuple[int, int], original_size, *, pad_square: bool = True) -> torch.Tensor:
+def labels_from_boxes(target_box, grid: tuple[int, int], original_size, *, pad_square: bool = True,
+                      touched: str = "ignore") -> torch.Tensor:
     """Tri-state labels from annotated boxes (OUR mode, not the paper's self-distillation).
 
     target_box: one (x1, y1, x2, y2) in original pixels, end exclusive, or a list of them. FG: cells
     whose centre lies in a box, plus the cell holding each box centre (so tiny boxes get one cell);
-    ignore: other cells the box overlaps; BG: the rest (square padding included).
+    the other cells a box overlaps are ignored, or with `touched="foreground"` foreground too (for boxes
+    smaller than a cell: the RoI then has to span every cell the target touches to contain it);
+    BG: the rest (square padding included).
     """
+    if touched not in ("ignore", "foreground"):
+        raise InvalidInput(f"touched must be 'ignore' or 'foreground', got {touched!r}")
     boxes = [target_box] if isinstance(target_box[0], (int, float)) else list(target_box)
     gh, gw = grid
     w, h = original_size
@@ -274,7 +279,7 @@ def labels_from_boxes(target_box, grid: tuple[int, int], original_size, *, pad_s
     cx = (torch.arange(gw) + 0.5) * cw  # cell centres in frame pixels
     cy = (torch.arange(gh) + 0.5) * ch
     fg = torch.zeros(gh, gw, dtype=torch.bool)
-    touched = torch.zeros_like(fg)
+    cover = torch.zeros_like(fg)
     for x1, y1, x2, y2 in boxes:
         x1, x2, y1, y2 = x1 + ox, x2 + ox, y1 + oy, y2 + oy
         fg |= ((cy >= y1) & (cy < y2))[:, None] & ((cx >= x1) & (cx < x2))[None, :]
@@ -283,9 +288,9 @@ def labels_from_boxes(target_box, grid: tuple[int, int], original_size, *, pad_s
         fg[r, c] = True
         r0, r1 = int(y1 // ch), min(gh, int(-(-y2 // ch)))
         c0, c1 = int(x1 // cw), min(gw, int(-(-x2 // cw)))
-        touched[r0:r1, c0:c1] = True
+        cover[r0:r1, c0:c1] = True
     labels = torch.zeros(gh, gw, dtype=torch.long)
-    labels[touched] = IGNORE
+    labels[cover] = 1 if touched == "foreground" else IGNORE
     labels[fg] = 1
     return labels
 
@@ -319,8 +324,10 @@ def rpn_samples_from_pseudo(labels: PseudoLabelSet, **rules) -> tuple[list[RPNSa
     return out, dropped
 
 
-def rpn_samples_from_boxes(records: list[Record], *, token_budget: int = 576, pad_square: bool = True) -> list[RPNSample]:
-    """Ground-truth-box mode: each record needs `target_box` [x1, y1, x2, y2] (or a list of boxes)."""
+def rpn_samples_from_boxes(records: list[Record], *, token_budget: int = 576, pad_square: bool = True,
+                           touched: str = "ignore") -> list[RPNSample]:
+    """Ground-truth-box mode: each record needs `target_box` [x1, y1, x2, y2] (or a list of boxes);
+    `touched` as in `labels_from_boxes`."""
     out = []
     for r in records:
         box = r.extra.get("target_box")
@@ -330,6 +337,6 @@ def rpn_samples_from_boxes(records: list[Record], *, token_budget: int = 576, pa
         frame = (padded_frame(size)[0],) * 2 if pad_square else size
         w, h = input_size_for(*frame, token_budget * TOKEN_PIXELS, token_budget * TOKEN_PIXELS)
         out.append(RPNSample(r.uid, r.image, r.question, labels_from_boxes(box, (h // 28, w // 28), size,
-                                                                          pad_square=pad_square),
+                                                                          pad_square=pad_square, touched=touched),
                              size, token_budget, pad_square))
     return out

@@ -156,8 +156,9 @@ def _gate_forward(loaded, branches, item, suffix: str) -> torch.Tensor:
         return gate_logit(branches, state)
 
 
-def _rpn_batch(loaded, branches, batch: list[RPNSample], backward: bool) -> dict:
-    """Pooled selective BCE over the batch (sum over valid cells / number of valid cells)."""
+def _rpn_batch(loaded, branches, batch: list[RPNSample], backward: bool, pos_weight: float = 1.0) -> dict:
+    """Pooled selective BCE over the batch (sum over valid cells / number of valid cells); foreground cells
+    weigh `pos_weight` (1 in the reference)."""
     device = loaded.model.device
     cells = sum(int((s.labels != IGNORE).sum()) for s in batch)
     if cells == 0:
@@ -170,7 +171,8 @@ def _rpn_batch(loaded, branches, batch: list[RPNSample], backward: bool) -> dict
             continue
         logits = rpn_map(loaded, branches, s)[valid]
         target = labels[valid].float()
-        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / cells
+        weight = torch.tensor(pos_weight, device=device)
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum", pos_weight=weight) / cells
         if backward:
             loss.backward()
         total += float(loss.detach())
@@ -200,8 +202,9 @@ def _gate_batch(loaded, branches, batch: list, suffix: str, backward: bool) -> d
 
 def train_rpn(loaded, samples: list[RPNSample], config: TrainConfig = TrainConfig(), *, K: int | None = None,
               T: int | None = None, init_from_trunk: bool = True, out_dir: str | Path | None = None,
-              resume: bool = False, progress: bool = False, callback=None) -> TrainResult:
-    """Stage 1: train the SD-RPN twig branch on tri-state cell labels (see module docstring).
+              resume: bool = False, progress: bool = False, callback=None, pos_weight: float = 1.0) -> TrainResult:
+    """Stage 1: train the SD-RPN twig branch on tri-state cell labels (see module docstring). `pos_weight`
+    > 1 weighs foreground cells up (OUR option for targets covering 1-2 cells of the map).
 
     With `out_dir`: `metrics.jsonl`, `checkpoints/step-N` every `config.save_every` steps, and the final
     released-layout checkpoint in `out_dir/model`. `resume=True` continues from the newest checkpoint.
@@ -211,9 +214,11 @@ def train_rpn(loaded, samples: list[RPNSample], config: TrainConfig = TrainConfi
     k, t = branch_shape(loaded, "twig", K, T)
     branches = training_branches(loaded, "twig", k, t, init_from_trunk=init_from_trunk, seed=config.seed)
     batches = plan_batches(lambda epoch: list(samples), config.batch_size, config.epochs, config.steps, config.seed)
-    settings = {"role": "twig", "K": k, "T": t, "init_from_trunk": init_from_trunk,
+    if not pos_weight > 0:
+        raise InvalidInput(f"pos_weight must be > 0, got {pos_weight}")
+    settings = {"role": "twig", "K": k, "T": t, "init_from_trunk": init_from_trunk, "pos_weight": pos_weight,
                 "plan": plan_digest(batches, lambda s: [s.uid, int(s.labels.sum())])}
-    return _run(loaded, branches, "twig", batches, lambda b: _rpn_batch(loaded, branches, b, True)["loss"],
+    return _run(loaded, branches, "twig", batches, lambda b: _rpn_batch(loaded, branches, b, True, pos_weight)["loss"],
                 config, settings, out_dir, resume, progress, callback)
 
 

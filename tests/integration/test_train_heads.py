@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qzoom_service.bench.synthetic import generate, write_dataset
 from qzoom_service.coarse import causal_mask
@@ -24,9 +25,11 @@ from qzoom_service.train.loop import TrainConfig
 from qzoom_service.train.rpn_labels import make_pseudo_labels, rpn_samples_from_boxes
 from qzoom_service.train.teacher import answer_attention
 from qzoom_service.train.train_heads import (
+    _rpn_batch,
     evaluate_gate,
     evaluate_rpn,
     gate_logit,
+    rpn_map,
     train_gate,
     train_rpn,
     training_branches,
@@ -135,6 +138,23 @@ def test_one_rpn_step_lowers_the_loss_and_moves_only_the_twig(tiny_loaded, rpn_s
     assert all(p.grad is None for p in tiny_loaded.model.parameters())
     new = _params(result.branches)
     assert _same(new, old_branches, "high_res_") and not _same(new, _params(fresh), "twig_layers.")
+
+
+def test_pos_weight_scales_the_foreground_terms_of_the_selective_bce(tiny_loaded, rpn_samples):
+    branches = training_branches(tiny_loaded, "twig", 2, 2)
+    cells = sum(int((s.labels != -100).sum()) for s in rpn_samples)
+    fg = bg = 0.0
+    with torch.no_grad():
+        for s in rpn_samples:
+            valid = s.labels != -100
+            z, y = rpn_map(tiny_loaded, branches, s)[valid], s.labels[valid].float()
+            fg += float(F.softplus(-z)[y == 1].sum())  # -log sigmoid(z) on foreground cells
+            bg += float(F.softplus(z)[y == 0].sum())
+        weighted = _rpn_batch(tiny_loaded, branches, rpn_samples, backward=False, pos_weight=4.0)["loss"]
+    assert weighted == pytest.approx((4.0 * fg + bg) / cells, rel=1e-4)
+    assert fg > 0 and bg > 0
+    with pytest.raises(InvalidInput, match="pos_weight"):
+        train_rpn(tiny_loaded, rpn_samples, ONE_STEP, pos_weight=0.0)
 
 
 def test_one_gate_step_lowers_the_loss_and_moves_only_the_gate(tiny_loaded, gate_data):

@@ -116,6 +116,15 @@ def test_box_labels_mark_centre_cells_fg_partial_cells_ignored():
     assert torch.equal(labels, expected)
 
 
+def test_box_labels_can_mark_every_touched_cell_fg():
+    labels = labels_from_boxes((50, 50, 250, 150), (4, 4), (400, 400), pad_square=False, touched="foreground")
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    expected[0:2, 0:3] = 1  # the box overlaps rows 0-1, columns 0-2: the RoI must span them all to contain it
+    assert torch.equal(labels, expected)
+    with pytest.raises(InvalidInput, match="touched"):
+        labels_from_boxes((50, 50, 250, 150), (4, 4), (400, 400), touched="all")
+
+
 def test_a_tiny_box_gets_one_fg_cell_in_the_square_padded_frame():
     labels = labels_from_boxes((0, 0, 100, 100), (4, 4), (400, 200), pad_square=True)  # 100 px pad above
     assert labels[1, 0] == 1 and int((labels == 1).sum()) == 1 and int((labels == I).sum()) == 0
