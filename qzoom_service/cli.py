@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n", type=int, default=200)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--fine-fraction", type=float, default=0.5)
-    synth.add_argument("--targets", choices=["marks", "glyphs"], default="marks",
-                       help="small targets: shape marks (the embedded model's task) or digits/letters")
+    synth.add_argument("--targets", choices=["dots", "marks", "glyphs"], default="dots",
+                       help="small targets: coloured dots (the embedded model's task), shape marks or digits/letters")
     synth.add_argument("--out", required=True, help="directory for data.jsonl and images/")
     synth.set_defaults(func=cmd_synth)
 

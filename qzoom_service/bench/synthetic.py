@@ -7,17 +7,23 @@ Two splits, each scene drawn from an integer seed:
 * ``doc`` (default 896x1152): white page with a title bar, grey bars imitating text lines, one big coloured
   shape as a figure, and 1-2 tiny bordered boxes among the lines, each holding one small target.
 
-Targets (``targets=``): ``"marks"`` (default) — a small dark circle, square or triangle, asked as "What shape
-is in the small box?"; ``"glyphs"`` — a seven-segment digit (``hr``) or digit/letter (``doc``). The embedded
-model reads marks; glyphs are harder for a tiny model (see the model card) and stay available.
+Targets (``targets=``): ``"dots"`` (default) — ONE small dark-bordered box per scene holding a dot in one of
+the six colours, asked as "What colour is the dot in the small box?"; ``"marks"`` — boxes with colour-coded
+borders (1-3 in ``hr``, 1-2 in ``doc``, referred to as "the small red box") holding a dark circle, square or
+triangle ("What shape is in ...?"); ``"glyphs"`` — the same with a seven-segment digit (``hr``) or digit/letter
+(``doc``). The embedded model reads dots: a tiny model trained from scratch learns colours within a few hundred
+steps but stayed at chance on shapes (even of the big object) and glyphs, and with a coloured border around a
+coloured dot it answered the border's colour (see its model card).
 
 Why these sizes: coarse questions ask about the single big shape (30-45 % of the short side), because a tiny
-model learns colour/shape from the coarse view only when one large object dominates. Fine questions ask about
-a target 22-26 px tall (``glyph_height`` 24 +- ``glyph_jitter`` 2) in a box of side 1.8x that height
-(40-47 px). At the embedded model's coarse budget (144 tokens: 392x280 px for ``hr``, 280x364 for ``doc``) the
-target is 6-8 px tall, about half a 14 px patch and a quarter of a 28 px merged token, so the coarse view
-cannot tell its shape. The zoom crop over the one or two grid cells around the box (~90-190 px) re-encoded at
-the same budget (~336 px) shows it 40-90 px tall. Fine answers therefore need the zoom.
+model learns colour/shape from the coarse view only when one large object dominates. Fine targets sit in a
+box of side 1.8x ``glyph_height`` (24 +- ``glyph_jitter`` 2 px, so 40-47 px) with a border of a quarter of that
+height; glyphs and marks are ``glyph_height`` tall, dots 0.4x (9-10 px). At the embedded model's coarse budget
+(144 tokens: 392x280 px for ``hr``, 280x364 for ``doc``) the box is ~13 px with a ~2 px border (visible, so the
+box can be found) and a dot ~3 px, a few percent of a 14 px patch next to the border's ink, so the coarse
+view hardly shows the dot's colour (nor a 7 px mark's shape). The zoom crop over the one or two grid cells around the box (~90-190 px)
+re-encoded at the same budget (~336 px) shows a dot 16-35 px wide, a mark 40-90 px. Fine answers therefore
+need the zoom.
 
 Glyphs are axis-aligned segment rectangles (seven-segment digits and letters, plus a centre stroke for T) and
 marks are filled polygons: no font file, no antialiasing on the box. Exact colours keep targets crisp under
@@ -42,7 +48,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = ["ANSWER_VOCAB", "COLOURS", "SHAPES", "DIGITS", "LETTERS", "SPLITS", "Sample", "Scene", "Target",
-           "TARGET_KINDS", "box_contains", "box_side", "boxes_overlap", "chance_accuracy", "generate", "glyph_rects", "glyph_size",
+           "TARGET_KINDS", "box_contains", "box_side", "boxes_overlap", "border_rgb", "chance_accuracy", "dot_size", "generate",
+           "glyph_rects", "glyph_size",
            "iter_samples", "make_sample", "make_scene", "write_dataset"]
 
 Box = tuple[int, int, int, int]
@@ -58,12 +65,14 @@ LETTERS = tuple("ACEFHLPTU")  # only letters a segment display draws unambiguous
 ANSWER_VOCAB: dict[str, list[str]] = {"colour": list(COLOURS), "shape": list(SHAPES),
                                       "digit": list(DIGITS), "letter": list(LETTERS)}
 ANSWER_VOCAB["coarse"] = ANSWER_VOCAB["colour"] + ANSWER_VOCAB["shape"]
-ANSWER_VOCAB["mark"] = list(SHAPES)  # fine questions of the default `targets="marks"`
+ANSWER_VOCAB["dot"] = list(COLOURS)  # fine questions of the default `targets="dots"`
+ANSWER_VOCAB["mark"] = list(SHAPES)  # fine questions of `targets="marks"`
 ANSWER_VOCAB["glyph"] = ANSWER_VOCAB["digit"] + ANSWER_VOCAB["letter"]  # fine questions of `targets="glyphs"`
-ANSWER_VOCAB["fine"] = ANSWER_VOCAB["mark"]
+ANSWER_VOCAB["fine"] = ANSWER_VOCAB["dot"]
 
 # Dark inks: contrast with the white box interior and never equal a (saturated) border colour.
 INKS: tuple[RGB, ...] = ((20, 20, 20), (20, 30, 120), (110, 20, 20), (20, 80, 30))
+DOT_BOX_BORDER: RGB = (45, 45, 45)  # `border="dark"`: the box of a dot, uncoloured so only the dot has a colour
 BOX_FILL: RGB = (255, 255, 255)
 PAGE: RGB = (255, 255, 255)
 HR_BACKGROUNDS: tuple[RGB, ...] = ((236, 236, 236), (242, 238, 228), (228, 236, 242), (234, 242, 230))
@@ -71,8 +80,8 @@ TEXT_GREYS: tuple[RGB, ...] = ((110, 110, 110), (135, 135, 135), (160, 160, 160)
 TITLE_GREY: RGB = (60, 60, 60)
 
 _DEFAULT_SIZES = {"hr": {"width": 1344, "height": 1008}, "doc": {"width": 896, "height": 1152}}
-_DEFAULT_GLYPH = {"glyph_height": 24, "glyph_jitter": 2, "targets": "marks"}
-TARGET_KINDS = ("marks", "glyphs")
+_DEFAULT_GLYPH = {"glyph_height": 24, "glyph_jitter": 2, "targets": "dots"}
+TARGET_KINDS = ("dots", "marks", "glyphs")
 _SPLIT_CODE = {"hr": 1, "doc": 2}
 _SCENE_STREAM, _QUESTION_STREAM = 0, 1
 _MAX_TRIES = 200  # per target; bounded so a cramped canvas fails fast instead of looping
@@ -86,9 +95,9 @@ _SEGMENTS = {"0": "abcdef", "1": "bc", "2": "abged", "3": "abgcd", "4": "fgbc", 
 @dataclass(frozen=True)
 class Target:
     box: Box
-    char: str
-    border: str  # colour name, used to refer to the box when a scene has several
-    ink: RGB
+    char: str  # glyph, shape name (a mark) or colour name (a dot)
+    border: str  # colour name, used to refer to the box when a scene has several; "dark" for a dot's box
+    ink: RGB  # the glyph's, mark's or dot's colour
     glyph_height: int
 
 
@@ -112,7 +121,7 @@ class Sample:
     split: str
     seed: int
     index: int
-    answer_set: str = ""  # key of ANSWER_VOCAB for this exact question type: colour, shape, mark, digit, letter
+    answer_set: str = ""  # key of ANSWER_VOCAB for this exact question type: colour, shape, dot, mark, digit, letter
 
     def to_record(self, image_path) -> dict:
         return {"image": str(image_path), "question": self.question, "answer": self.answer, "kind": self.kind,
@@ -167,10 +176,24 @@ def glyph_rects(char: str, x0: int, y0: int, height: int) -> list[Box]:
     return [(x0 + a, y0 + b, x0 + c, y0 + d) for a, b, c, d in (parts[s] for s in _SEGMENTS[char])]
 
 
+def dot_size(glyph_height: int) -> int:
+    return max(3, round(glyph_height * 0.4))
+
+
+def border_rgb(target: "Target") -> RGB:
+    return DOT_BOX_BORDER if target.border == "dark" else COLOURS[target.border]
+
+
 def _draw_target(draw: ImageDraw.ImageDraw, target: Target) -> None:
     x1, y1, x2, y2 = target.box
-    border = max(2, round(target.glyph_height / 7))
-    draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=BOX_FILL, outline=COLOURS[target.border], width=border)
+    # A border thick enough that its colour survives the coarse view: the box is found by it.
+    border = max(2, round(target.glyph_height / 4))
+    draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=BOX_FILL, outline=border_rgb(target), width=border)
+    if target.char in COLOURS:  # a dot: a filled disc, centred
+        side = dot_size(target.glyph_height)
+        mx, my = x1 + (x2 - x1 - side) // 2, y1 + (y2 - y1 - side) // 2
+        _draw_shape(draw, "circle", (mx, my, mx + side, my + side), target.ink)
+        return
     if target.char in SHAPES:  # a mark: the shape in ink, glyph_height square, centred
         side = target.glyph_height
         mx, my = x1 + (x2 - x1 - side) // 2, y1 + (y2 - y1 - side) // 2
@@ -215,9 +238,12 @@ def _place_targets(rng: random.Random, count: int, side: int, area: Box, avoid: 
     return placed
 
 
-def _make_targets(rng, count, chars, glyph_height, area, avoid) -> tuple[Target, ...]:
+def _make_targets(rng, count, targets: str, chars, glyph_height, area, avoid) -> tuple[Target, ...]:
     boxes = _place_targets(rng, count, box_side(glyph_height), area, avoid)
     borders = rng.sample(list(COLOURS), len(boxes))  # distinct, so "the small red box" is unambiguous
+    if targets == "dots":  # the dot is the only coloured thing in its box
+        colour = rng.choice(list(COLOURS))
+        return (Target(boxes[0], colour, "dark", COLOURS[colour], glyph_height),)
     return tuple(Target(box, rng.choice(chars), border, rng.choice(INKS), glyph_height)
                  for box, border in zip(boxes, borders))
 
@@ -239,7 +265,8 @@ def _hr_scene(rng: random.Random, width: int, height: int, glyph_height: int, ta
     shape, colour, shape_box = _big_shape(rng, width, height, area)
     _draw_shape(draw, shape, shape_box, COLOURS[colour])
     chars = SHAPES if targets == "marks" else DIGITS
-    drawn = _make_targets(rng, rng.randint(1, 3), chars, glyph_height, area, [shape_box])
+    drawn = _make_targets(rng, 1 if targets == "dots" else rng.randint(1, 3), targets, chars, glyph_height, area,
+                          [shape_box])
     for target in drawn:
         _draw_target(draw, target)
     return Scene(image, "hr", shape, colour, shape_box, drawn)
@@ -273,7 +300,8 @@ def _doc_scene(rng: random.Random, width: int, height: int, glyph_height: int, t
     _fill(draw, figure, PAGE)
     _draw_shape(draw, shape, shape_box, COLOURS[colour])
     chars = SHAPES if targets == "marks" else DIGITS + LETTERS
-    drawn = _make_targets(rng, rng.randint(1, 2), chars, glyph_height, body, [figure])
+    drawn = _make_targets(rng, 1 if targets == "dots" else rng.randint(1, 2), targets, chars, glyph_height, body,
+                          [figure])
     for target in drawn:
         _fill(draw, _pad(target.box, 4), PAGE)  # keep text bars off the border so it stays crisp
         _draw_target(draw, target)
@@ -309,8 +337,10 @@ def make_scene(split: str, seed: int, index: int, **size_overrides) -> Scene:
 def _ask(rng: random.Random, scene: Scene, fine_fraction: float) -> tuple[str, str, str, str, Box]:
     if rng.random() < fine_fraction:
         target = rng.choice(scene.targets)
-        what = "shape" if target.char in SHAPES else "digit" if target.char in DIGITS else "letter"
         where = "the small box" if len(scene.targets) == 1 else f"the small {target.border} box"
+        if target.char in COLOURS:
+            return f"What colour is the dot in {where}?", target.char, "fine", "dot", target.box
+        what = "shape" if target.char in SHAPES else "digit" if target.char in DIGITS else "letter"
         return f"What {what} is in {where}?", target.char, "fine", "mark" if what == "shape" else what, target.box
     if rng.random() < 0.5:
         return "What colour is the big shape?", scene.colour, "coarse", "colour", scene.shape_box

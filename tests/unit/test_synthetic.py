@@ -22,7 +22,12 @@ def samples():
 
 @pytest.fixture(scope="module")
 def scenes():
-    return [syn.make_scene(split, 3, i) for split in syn.SPLITS for i in range(8)]
+    return [syn.make_scene(split, 3, i, targets=kind) for split in syn.SPLITS for kind in syn.TARGET_KINDS
+            for i in range(4)]
+
+
+def _drawn_height(target) -> int:
+    return syn.dot_size(target.glyph_height) if target.char in syn.COLOURS else target.glyph_height
 
 
 def _pixels(sample_or_scene) -> np.ndarray:
@@ -75,12 +80,12 @@ def test_border_pixels_match_target_box_exactly_and_glyph_is_drawn(scenes):
             x1, y1, x2, y2 = target.box
             m = 3  # smaller than the white clearance / placement gap around every target
             window = px[y1 - m:y2 + m, x1 - m:x2 + m]
-            border = np.all(window == syn.COLOURS[target.border], axis=-1)
+            border = np.all(window == syn.border_rgb(target), axis=-1)
             bx1, by1, bx2, by2 = _bbox_of(border)
             assert (bx1 + x1 - m, by1 + y1 - m, bx2 + x1 - m, by2 + y1 - m) == target.box
             glyph = np.all(px[y1:y2, x1:x2] == target.ink, axis=-1)
             gx1, gy1, gx2, gy2 = _bbox_of(glyph)
-            assert gy2 - gy1 == target.glyph_height
+            assert gy2 - gy1 == _drawn_height(target)
             assert 0 < gx1 and gx2 < x2 - x1 and 0 < gy1 and gy2 < y2 - y1  # glyph strictly inside the border
             assert x2 - x1 == y2 - y1 and 1.6 <= (x2 - x1) / target.glyph_height <= 2.0
             if scene.split == "doc":  # text bars are cleared around the box so it reads as a box, not a word
@@ -130,12 +135,29 @@ def test_answers_in_vocab_both_kinds_and_splits(samples):
             assert s.answer in syn.ANSWER_VOCAB[s.kind]
             assert s.answer in syn.ANSWER_VOCAB[s.answer_set]
             assert syn.box_contains((0, 0, *s.image.size), s.target_box)
-    assert all(s.answer_set == "mark" for s in _fine(samples))  # the default targets
+    assert all(s.answer_set == "dot" for s in _fine(samples))  # the default targets
+    assert all(s.answer_set in ("mark", "coarse", "colour", "shape")
+               for s in syn.generate("hr", 20, 7, targets="marks"))
     assert any(s.answer_set == "letter" for s in syn.generate("doc", 20, 7, targets="glyphs"))
     assert all(s.answer_set in ("digit", "coarse", "colour", "shape")
                for s in syn.generate("hr", 20, 7, targets="glyphs"))
     assert syn.chance_accuracy("digit") == pytest.approx(0.1)
     assert syn.chance_accuracy("shape") == pytest.approx(1 / 3)
+    assert syn.chance_accuracy("fine") == pytest.approx(1 / 6)
+
+
+def test_a_dot_scene_has_one_dark_box_holding_the_only_colour_in_it(scenes):
+    dot_scenes = [scene for scene in scenes if scene.targets[0].char in syn.COLOURS]
+    assert len(dot_scenes) == 8
+    for scene in dot_scenes:
+        assert len(scene.targets) == 1
+        target = scene.targets[0]
+        assert target.border == "dark" and target.ink == syn.COLOURS[target.char]
+        x1, y1, x2, y2 = target.box
+        inside = {tuple(p) for p in _pixels(scene)[y1:y2, x1:x2].reshape(-1, 3)}
+        assert inside == {syn.DOT_BOX_BORDER, syn.BOX_FILL, target.ink}
+    questions = {s.question for s in syn.generate("hr", 10, 7, fine_fraction=1.0)}
+    assert questions == {"What colour is the dot in the small box?"}
 
 
 def test_glyph_patterns_are_distinct_and_span_their_height():
@@ -146,8 +168,10 @@ def test_glyph_patterns_are_distinct_and_span_their_height():
         assert min(r[1] for r in rects) == 0 and max(r[3] for r in rects) == 14
 
 
-def test_glyph_below_one_token_at_coarse_budget_but_large_when_zoomed(samples):
+@pytest.mark.parametrize("targets", syn.TARGET_KINDS)
+def test_glyph_below_one_token_at_coarse_budget_but_large_when_zoomed(targets):
     """Design intent: the fine answer is unreadable in the coarse view and readable in an x4 zoom crop."""
+    samples = {split: syn.generate(split, 12, seed=7, fine_fraction=1.0, targets=targets) for split in syn.SPLITS}
     for s in _fine(samples):
         px = _pixels(s)
         glyph = _glyph_mask(px, s.target_box)
@@ -162,7 +186,7 @@ def test_glyph_below_one_token_at_coarse_budget_but_large_when_zoomed(samples):
         ys, xs = np.nonzero(glyph)
         ink = px[s.target_box[1] + ys[0], s.target_box[0] + xs[0]]
         _, zy1, _, zy2 = _bbox_of(np.all(zoomed == ink, axis=-1))
-        assert zy2 - zy1 >= 40
+        assert zy2 - zy1 >= (TOKEN_PX if targets == "dots" else 40)  # a dot: a merged token of pure colour
 
 
 def test_write_dataset_round_trip(tmp_path, samples):
