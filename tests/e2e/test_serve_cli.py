@@ -55,3 +55,12 @@ def test_the_embedded_model_answers_through_the_service(served, tmp_path):
     assert ask.returncode == 0, ask.stderr
     answer = json.loads(ask.stdout)
     assert answer["answer"] and answer["visual_tokens"]["coarse"] <= 144
+    # A fine question zoomed on the dot's box, as an agent's zoom tool would: the dot is a few pixels in the
+    # coarse view, clear in the crop.
+    fine = make_sample("doc", 4242, 7, fine_fraction=1.0)
+    fine.image.save(image)
+    box = ",".join(map(str, fine.target_box))
+    zoom = _run("zoom", "--addr", served, "--image", str(image), "--box", box, "--space", "original",
+                "--question", fine.question, "--json")
+    assert zoom.returncode == 0, zoom.stderr
+    assert json.loads(zoom.stdout)["answer"] == fine.answer
