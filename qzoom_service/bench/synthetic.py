@@ -21,9 +21,9 @@ box of side 1.8x ``glyph_height`` (24 +- ``glyph_jitter`` 2 px, so 40-47 px) wit
 height; glyphs and marks are ``glyph_height`` tall, dots 0.4x (9-10 px). At the embedded model's coarse budget
 (144 tokens: 392x280 px for ``hr``, 280x364 for ``doc``) the box is ~13 px with a ~2 px border (visible, so the
 box can be found) and a dot ~3 px, a few percent of a 14 px patch next to the border's ink, so the coarse
-view hardly shows the dot's colour (nor a 7 px mark's shape). The zoom crop over the one or two grid cells around the box (~90-190 px)
-re-encoded at the same budget (~336 px) shows a dot 16-35 px wide, a mark 40-90 px. Fine answers therefore
-need the zoom.
+view hardly shows the dot's colour (nor a 7 px mark's shape). The zoom crop over the one or two grid cells
+around the box (~90-190 px) re-encoded at the same budget (~336 px) shows a dot 16-35 px wide, a mark 40-90
+px. Fine answers therefore need the zoom.
 
 Glyphs are axis-aligned segment rectangles (seven-segment digits and letters, plus a centre stroke for T) and
 marks are filled polygons: no font file, no antialiasing on the box. Exact colours keep targets crisp under
@@ -238,7 +238,9 @@ def _place_targets(rng: random.Random, count: int, side: int, area: Box, avoid: 
     return placed
 
 
-def _make_targets(rng, count, targets: str, chars, glyph_height, area, avoid) -> tuple[Target, ...]:
+def _make_targets(rng, max_count, targets: str, chars, glyph_height, area, avoid) -> tuple[Target, ...]:
+    """One target for dots, else 1..max_count."""
+    count = 1 if targets == "dots" else rng.randint(1, max_count)
     boxes = _place_targets(rng, count, box_side(glyph_height), area, avoid)
     borders = rng.sample(list(COLOURS), len(boxes))  # distinct, so "the small red box" is unambiguous
     if targets == "dots":  # the dot is the only coloured thing in its box
@@ -265,8 +267,7 @@ def _hr_scene(rng: random.Random, width: int, height: int, glyph_height: int, ta
     shape, colour, shape_box = _big_shape(rng, width, height, area)
     _draw_shape(draw, shape, shape_box, COLOURS[colour])
     chars = SHAPES if targets == "marks" else DIGITS
-    drawn = _make_targets(rng, 1 if targets == "dots" else rng.randint(1, 3), targets, chars, glyph_height, area,
-                          [shape_box])
+    drawn = _make_targets(rng, 3, targets, chars, glyph_height, area, [shape_box])
     for target in drawn:
         _draw_target(draw, target)
     return Scene(image, "hr", shape, colour, shape_box, drawn)
@@ -300,8 +301,7 @@ def _doc_scene(rng: random.Random, width: int, height: int, glyph_height: int, t
     _fill(draw, figure, PAGE)
     _draw_shape(draw, shape, shape_box, COLOURS[colour])
     chars = SHAPES if targets == "marks" else DIGITS + LETTERS
-    drawn = _make_targets(rng, 1 if targets == "dots" else rng.randint(1, 2), targets, chars, glyph_height, body,
-                          [figure])
+    drawn = _make_targets(rng, 2, targets, chars, glyph_height, body, [figure])
     for target in drawn:
         _fill(draw, _pad(target.box, 4), PAGE)  # keep text bars off the border so it stays crisp
         _draw_target(draw, target)
