@@ -438,7 +438,8 @@ def _init_note(args) -> str:
 def _box_note(rpn_report: dict) -> str:
     if rpn_report["labels"] != "ground-truth boxes":
         return ""
-    return (f"; fine questions only, every cell the box touches foreground, foreground weighted {rpn_report.get('pos_weight', 1.0)} "
+    weight = rpn_report.get("pos_weight", 1.0)
+    return (f"; fine questions only, every cell the box touches foreground, foreground weighted {weight} "
             f"in the selective BCE")
 
 
