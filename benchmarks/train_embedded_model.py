@@ -110,8 +110,7 @@ def stage_base(work: Path, args) -> Path:
         log.info("base: %s exists, skipped", final)
         return final
     if args.base_init:
-        loaded = load_model(str(args.base_init))
-        loaded.branches = QZoomBranches.create(loaded.model.config.text_config)
+        loaded = load_model(str(args.base_init))  # its branches are not trained here, nor saved
     else:
         loaded = phases_a_b(work, args)
     if args.dot_steps:

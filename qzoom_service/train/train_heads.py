@@ -164,6 +164,7 @@ def _rpn_batch(loaded, branches, batch: list[RPNSample], backward: bool, pos_wei
     if cells == 0:
         return {"loss": None, "cells": 0}
     total, fg_hit, fg_n, bg_hit, bg_n = 0.0, 0, 0, 0, 0
+    weight = torch.tensor(pos_weight, device=device)
     for s in batch:
         labels = s.labels.to(device)
         valid = labels != IGNORE
@@ -171,7 +172,6 @@ def _rpn_batch(loaded, branches, batch: list[RPNSample], backward: bool, pos_wei
             continue
         logits = rpn_map(loaded, branches, s)[valid]
         target = labels[valid].float()
-        weight = torch.tensor(pos_weight, device=device)
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum", pos_weight=weight) / cells
         if backward:
             loss.backward()
