@@ -45,7 +45,7 @@ from qzoom_service.heads import QZoomBranches
 from qzoom_service.model import EMBEDDED_MODEL_DIR, LoadedModel, load_model
 from qzoom_service.rpn import map_to_box, original_to_cell_box
 from qzoom_service.tiny import TinySpec, build_tiny
-from qzoom_service.train.base import make_example, save_base, train_base
+from qzoom_service.train.base import BoxLocator, make_example, save_base, train_base
 from qzoom_service.train.cli import print_calibration, split_holdout
 from qzoom_service.train.data import load_records
 from qzoom_service.train.gate_labels import GateDataset, load_ladders, make_answer_ladders, save_ladders
@@ -67,9 +67,9 @@ TRAIN_BUDGETS = (121, 144, 169)  # mild scale jitter around it
 
 
 def base_example(processor, index: int, rng: random.Random, targets: str = "dots", fine_fraction: float = 0.6,
-                 zoomed: float = 0.9):
+                 zoomed: float = 0.9, locate: bool = False):
     """Example `index`: hr and doc alternate; `fine_fraction` fine questions, `zoomed` of those fused with
-    their RoI."""
+    their RoI; with `locate`, fine examples carry their target's cells for the `BoxLocator`."""
     split = ("hr", "doc")[index % 2]
     sample = make_sample(split, TRAIN_SEED, index // 2, fine_fraction=fine_fraction, targets=targets)
     budget = rng.choice(TRAIN_BUDGETS)
@@ -83,17 +83,19 @@ def base_example(processor, index: int, rng: random.Random, targets: str = "dots
             x2, y2 = (x2 + grow, y2) if side == 2 else (x2, y2 + grow) if side == 3 else (x2, y2)
         w, h = sample.image.size
         zoom_box = (max(0, x1), max(0, y1), min(w, x2), min(h, y2))
-    return make_example(processor, sample.image, sample.question, sample.answer, budget, zoom_box)
+    locate_box = sample.target_box if locate and sample.kind == "fine" else None
+    return make_example(processor, sample.image, sample.question, sample.answer, budget, zoom_box, locate_box)
 
 
 class _BaseExampleFor:
     """Picklable-free callable (forked workers inherit it) binding the processor."""
 
-    def __init__(self, processor, targets: str, fine_fraction: float, zoomed: float = 0.9):
-        self.processor, self.targets, self.fine_fraction, self.zoomed = processor, targets, fine_fraction, zoomed
+    def __init__(self, processor, targets: str, fine_fraction: float, zoomed: float = 0.9, locate: bool = False):
+        self.processor, self.targets, self.fine_fraction = processor, targets, fine_fraction
+        self.zoomed, self.locate = zoomed, locate
 
     def __call__(self, index, rng):
-        return base_example(self.processor, index, rng, self.targets, self.fine_fraction, self.zoomed)
+        return base_example(self.processor, index, rng, self.targets, self.fine_fraction, self.zoomed, self.locate)
 
 
 class _StopAt(Exception):
@@ -104,7 +106,9 @@ def stage_base(work: Path, args) -> Path:
     """Phase A: the general curriculum with glyph targets (digits, letters), --base-steps of cosine
     schedule, ended at --base-stop. Phase B: --mark-steps on shape-mark targets, 70 % fine questions.
     Phase C: --dot-steps on dot targets (the default synthetic task), 60 % fine questions, all zoomed.
-    With --base-init, phase C starts from that checkpoint's trunk instead of phases A and B."""
+    Phase D: --locate-steps more of phase C's mix with the `BoxLocator` loss on fine examples, so that h_K
+    marks the dot's box for the SD-RPN. With --base-init, phases C and D start from that checkpoint's trunk
+    instead of phases A and B."""
     final = work / "base" / "model"
     if (final / "config.json").is_file():
         log.info("base: %s exists, skipped", final)
@@ -118,6 +122,13 @@ def stage_base(work: Path, args) -> Path:
                               weight_decay=0.01, seed=args.seed + 2, save_every=100, keep_checkpoints=3)
         run_phase(loaded, work / "base" / "dots", phase_c, args.dot_steps,
                   _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0), args)
+    if args.locate_steps:
+        phase_d = TrainConfig(lr=args.locate_lr, batch_size=args.base_batch, steps=args.locate_steps, warmup=0.02,
+                              weight_decay=0.01, seed=args.seed + 3, save_every=100, keep_checkpoints=3)
+        locator = BoxLocator(loaded.model.config.text_config.hidden_size, SPEC.twig_K, args.locate_weight,
+                             args.rpn_pos_weight)
+        run_phase(loaded, work / "base" / "locate", phase_d, args.locate_steps,
+                  _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0, locate=True), args, locator)
     return save_base(loaded, final)
 
 
@@ -138,9 +149,9 @@ def phases_a_b(work: Path, args) -> LoadedModel:
     return loaded
 
 
-def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, args) -> None:
+def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, args, locator=None) -> None:
     """Train (or resume) to step `stop` of `config`, then load the trunk the checkpoint at `stop` holds
-    (an early stop keeps the cosine schedule of config.steps)."""
+    (an early stop keeps the cosine schedule of config.steps). The locator, if any, is dropped after."""
     if stop % config.save_every and stop != config.steps:
         raise SystemExit(f"stop step {stop} must be a multiple of {config.save_every}")
     at_stop = out / "checkpoints" / f"step-{stop:08d}"
@@ -150,20 +161,22 @@ def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, ar
         def progress(step, loss, exact):
             window.append(exact)
             if step % 25 == 0:
-                log.info("%s step %d/%d loss %.3f exact-match(last 25) %.2f  %.0fs", out.name, step, config.steps,
-                         loss, sum(window[-25:]) / len(window[-25:]), time.time() - start)
+                located = "" if locator is None else " locator loss %.3f peak-hit %.2f" % (
+                    locator.last.get("loss", float("nan")), locator.last.get("peak_hit", float("nan")))
+                log.info("%s step %d/%d loss %.3f exact-match(last 25) %.2f%s  %.0fs", out.name, step,
+                         config.steps, loss, sum(window[-25:]) / len(window[-25:]), located, time.time() - start)
             if step == stop:
                 raise _StopAt
 
         try:
             train_base(loaded, example_for, config, pool=config.steps * config.batch_size, out_dir=out,
                        resume=(out / "checkpoints").is_dir(), progress=False, callback=progress,
-                       workers=args.workers)
+                       workers=args.workers, locator=locator)
         except _StopAt:
             log.info("%s: stopped at step %d of %d", out.name, stop, config.steps)
     state = load_file(str(at_stop / "state.safetensors"))
-    loaded.model.load_state_dict({k[len("branch."):]: v for k, v in state.items() if k.startswith("branch.")},
-                                 strict=True)
+    trunk = {k[len("branch."):]: v for k, v in state.items() if k.startswith("branch.")}
+    loaded.model.load_state_dict({k: v for k, v in trunk.items() if not k.startswith("locator.")}, strict=True)
 
 
 def synthetic_records(work: Path, name: str, n: int, fine_fraction: float, tokenizer):
@@ -471,8 +484,13 @@ def main(argv=None) -> int:
     p.add_argument("--mark-lr", type=float, default=1e-3)
     p.add_argument("--dot-steps", type=int, default=500, help="phase C steps on dot targets")
     p.add_argument("--dot-lr", type=float, default=1e-3)
+    p.add_argument("--locate-steps", type=int, default=600,
+                   help="phase D steps: phase C's mix plus the BoxLocator loss on the dot's cells")
+    p.add_argument("--locate-lr", type=float, default=1e-3)
+    p.add_argument("--locate-weight", type=float, default=1.0, help="weight of the BoxLocator loss")
     p.add_argument("--base-init", type=Path,
-                   help="start phase C from this checkpoint's trunk (e.g. a previous release) instead of phases A, B")
+                   help="start phases C and D from this checkpoint's trunk (e.g. a previous release) instead of "
+                        "phases A and B")
     p.add_argument("--rpn-samples", type=int, default=1200)
     p.add_argument("--rpn-holdout", type=int, default=100)
     p.add_argument("--rpn-steps", type=int, default=1200)

@@ -10,7 +10,9 @@ will later feed them:
   ORIGINAL image over the merged-grid cells that cover the target box, re-encoded at the same budget —
   what a perfect SD-RPN would hand the engine.
 
-The loss is next-token cross-entropy on the answer tokens and the closing `<|im_end|>`. A batch is one
+The loss is next-token cross-entropy on the answer tokens and the closing `<|im_end|>`, plus, with a
+`BoxLocator`, an auxiliary BCE that marks the target's grid cells on the coarse image tokens at the input of
+layer K (what the SD-RPN twig reads). A batch is one
 padded forward: sequences are right-padded, so causal attention alone keeps padding out of every real
 token's view and no attention mask is needed. Every sample (scene, question, budget, fused or not) derives
 from its index and the seed, so a resumed run replays the same batches.
@@ -27,6 +29,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..coarse import embed_prompt, rope_positions
 from ..config import TOKEN_PIXELS
@@ -37,7 +40,7 @@ from ..zoom import encode_crop, splice_roi
 from .checkpoint import atomic_dir
 from .loop import TrainConfig, _stable_seed, fit, plan_batches, plan_digest
 
-__all__ = ["BaseExample", "make_example", "batch_loss", "train_base", "save_base"]
+__all__ = ["BaseExample", "BoxLocator", "make_example", "batch_loss", "train_base", "save_base"]
 
 
 @dataclass
@@ -49,12 +52,14 @@ class BaseExample:
     input_ids: torch.Tensor  # (L,) prompt + answer + <|im_end|>
     answer_len: int  # tokens scored at the end of input_ids (answer + <|im_end|>)
     crop: tuple | None = None
+    target_cells: torch.Tensor | None = None  # (Nv,) 1.0 on the coarse cells the target box touches, else 0.0
 
 
 def make_example(processor, image, question: str, answer: str, budget_tokens: int,
-                 zoom_box=None) -> BaseExample:
+                 zoom_box=None, locate_box=None) -> BaseExample:
     """Encode `image` at exactly `budget_tokens` (the engine's min = max budget) and, with `zoom_box`
-    (original pixels), the crop over the grid cells that box touches, at the same budget."""
+    (original pixels), the crop over the grid cells that box touches, at the same budget. `locate_box`
+    (original pixels) gives the `BoxLocator` its target cells."""
     pixels = budget_tokens * TOKEN_PIXELS
     pixel_values, grid = processor.encode_image(preresize(image), pixels, pixels)
     hm, wm = int(grid[0, 1]) // MERGE, int(grid[0, 2]) // MERGE
@@ -70,7 +75,50 @@ def make_example(processor, image, question: str, answer: str, budget_tokens: in
         if encoded is None:
             raise InvalidInput(f"zoom box {zoom_box} gives a crop under 28 px on {image.size}")
         crop = (*encoded, cell_box)
-    return BaseExample(pixel_values, grid, ids, len(answer_ids), crop)
+    target_cells = None
+    if locate_box is not None:
+        cx0, cy0, cx1, cy1 = original_to_cell_box(locate_box, (hm, wm), image.size)
+        cells = torch.zeros(hm, wm)
+        cells[cy0:cy1, cx0:cx1] = 1.0
+        target_cells = cells.flatten()
+    return BaseExample(pixel_values, grid, ids, len(answer_ids), crop, target_cells)
+
+
+class BoxLocator(nn.Module):
+    """Auxiliary head for base training: one logit per coarse image token at the input of trunk layer `layer`,
+    trained with BCE (foreground weighted `pos_weight`) to mark the cells the target box touches.
+
+    Not part of Q-Zoom and never saved: it shapes the trunk so that h_K says where a small target is. A trunk
+    trained only to answer needs no such signal when the RoI is always handed to it, and then the SD-RPN,
+    which reads h_K with the trunk frozen, has nothing to find the target by. `last` holds the latest batch's
+    locator loss and the share of examples whose top cell is a target cell (for progress logs).
+    """
+
+    def __init__(self, hidden_size: int, layer: int, weight: float = 1.0, pos_weight: float = 10.0):
+        super().__init__()
+        self.layer, self.weight, self.pos_weight = layer, weight, pos_weight
+        self.head = nn.Linear(hidden_size, 1)
+        self.last: dict[str, float] = {}
+
+    def loss(self, hidden_k: torch.Tensor, examples: list[BaseExample], image_token_id: int) -> torch.Tensor:
+        """Pooled BCE over the target cells of every example that has them; hidden_k (B, L, D)."""
+        logits, labels, hits = [], [], 0
+        for i, ex in enumerate(examples):
+            if ex.target_cells is None:
+                continue
+            slots = (ex.input_ids == image_token_id).nonzero()[:, 0].to(hidden_k.device)
+            row = self.head(hidden_k[i, slots]).squeeze(-1).float()
+            target = ex.target_cells.to(row.device)
+            hits += bool(target[int(row.argmax())] > 0)
+            logits.append(row)
+            labels.append(target)
+        if not logits:
+            return hidden_k.new_zeros(())
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        weight = torch.tensor(self.pos_weight, device=logits.device)
+        loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
+        self.last = {"loss": float(loss.detach()), "peak_hit": hits / sum(ex.target_cells is not None for ex in examples)}
+        return loss
 
 
 def _vision(model, examples: list[BaseExample]) -> tuple[list, list]:
@@ -108,9 +156,10 @@ def _sequence(model, ex: BaseExample, coarse_embeds, roi_embeds, reuse_src_pos: 
     return zin.embeds[0], zin.positions[:, 0].float()
 
 
-def batch_loss(model, examples: list[BaseExample], reuse_src_pos: bool) -> tuple[torch.Tensor, float]:
-    """Mean answer-token cross-entropy over the batch (one right-padded forward), and the fraction of
-    answers whose every token is the argmax."""
+def batch_loss(model, examples: list[BaseExample], reuse_src_pos: bool,
+               locator: BoxLocator | None = None) -> tuple[torch.Tensor, float]:
+    """Mean answer-token cross-entropy over the batch (one right-padded forward), plus the weighted
+    `locator` loss when given, and the fraction of answers whose every token is the argmax."""
     coarse, roi = _vision(model, examples)
     seqs = [_sequence(model, ex, c, r, reuse_src_pos) for ex, c, r in zip(examples, coarse, roi)]
     length = max(x.shape[0] for x, _ in seqs)
@@ -123,10 +172,14 @@ def batch_loss(model, examples: list[BaseExample], reuse_src_pos: bool) -> tuple
         x[i, :n], pos[:, i, :n] = xi, pi
         # Token t predicts token t+1: the answer's tokens are the last `answer_len` of the sequence.
         targets[i, n - ex.answer_len - 1 : n - 1] = ex.input_ids[-ex.answer_len:].to(x.device)
-    hidden = model.model.language_model(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
+    out = model.model.language_model(inputs_embeds=x, position_ids=pos, use_cache=False,
+                                     output_hidden_states=locator is not None)
     scored = targets != -100
-    logits = model.lm_head(hidden[scored])
+    logits = model.lm_head(out.last_hidden_state[scored])
     loss = F.cross_entropy(logits.float(), targets[scored])
+    if locator is not None:  # hidden_states[k] is the input of layer k (index 0: the embeddings)
+        loss = loss + locator.weight * locator.loss(out.hidden_states[locator.layer], examples,
+                                                    model.config.image_token_id)
     right = (logits.argmax(-1) == targets[scored]).float()
     per_answer = torch.split(right, [ex.answer_len for ex in examples])
     exact = sum(bool(r.all()) for r in per_answer) / len(examples)
@@ -154,7 +207,8 @@ def _build_batch(args) -> list[BaseExample]:
 
 def _convert(ex: BaseExample, fn) -> BaseExample:
     crop = None if ex.crop is None else (fn(ex.crop[0]), fn(ex.crop[1]), ex.crop[2])
-    return BaseExample(fn(ex.pixel_values), fn(ex.grid_thw), fn(ex.input_ids), ex.answer_len, crop)
+    cells = None if ex.target_cells is None else fn(ex.target_cells)
+    return BaseExample(fn(ex.pixel_values), fn(ex.grid_thw), fn(ex.input_ids), ex.answer_len, crop, cells)
 
 
 def _to_numpy(ex: BaseExample) -> BaseExample:
@@ -200,8 +254,11 @@ class _Examples:
 
 def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample], config: TrainConfig, *,
                pool: int, out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
-               callback=None, workers: int = 0) -> list:
+               callback=None, workers: int = 0, locator: BoxLocator | None = None) -> list:
     """Train every parameter of `loaded.model` (branches excluded) on examples 0..pool-1.
+
+    With `locator`, its auxiliary loss joins the answer loss on examples that carry `target_cells`; the
+    locator trains along (and is checkpointed for resume) but is not part of the model.
 
     `example_for(index, rng)` builds example `index`; `rng` is seeded from (config.seed, index), so the
     choice of budget, route or jitter it makes is reproducible. `workers` > 0 builds examples ahead in
@@ -218,11 +275,13 @@ def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample],
                            config.seed)
     settings = {"role": "base", "pool": pool, "reuse_src_pos": loaded.reuse_src_pos,
                 "plan": plan_digest(batches, lambda i: i)}
+    if locator is not None:
+        settings["locator"] = {"layer": locator.layer, "weight": locator.weight, "pos_weight": locator.pos_weight}
     examples = _Examples(example_for, batches, config.seed, workers)
     exact = []
 
     def step(batch):
-        loss, hit = batch_loss(model, examples(batch), loaded.reuse_src_pos)
+        loss, hit = batch_loss(model, examples(batch), loaded.reuse_src_pos, locator)
         loss.backward()
         exact.append(hit)
         return float(loss.detach())
@@ -231,7 +290,10 @@ def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample],
         if callback is not None:
             callback(done, loss, exact[-1])
 
-    trunk = torch.nn.ModuleDict({"model": model.model, "lm_head": model.lm_head})
+    trunk = nn.ModuleDict({"model": model.model, "lm_head": model.lm_head})
+    if locator is not None:
+        locator.to(model.device).train()
+        trunk["locator"] = locator
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

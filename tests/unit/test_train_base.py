@@ -12,10 +12,10 @@ from qzoom_service.bench.synthetic import make_sample
 from qzoom_service.coarse import encode_images, prefill_to_k
 from qzoom_service.config import RequestOptions, TOKEN_PIXELS
 from qzoom_service.model import load_model
-from qzoom_service.rpn import cell_box_to_original
+from qzoom_service.rpn import cell_box_to_original, original_to_cell_box
 from qzoom_service.tiny import build_tiny
-from qzoom_service.train.base import (_sequence, _vision, batch_loss, drop_branch_keys, make_example, save_base,
-                                      train_base)
+from qzoom_service.train.base import (BoxLocator, _sequence, _vision, batch_loss, drop_branch_keys, make_example,
+                                      save_base, train_base)
 from qzoom_service.train.loop import TrainConfig
 from qzoom_service.types import Prepared
 from qzoom_service.zoom import build_zoom_input
@@ -113,6 +113,51 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(samples, tmp_path):
     assert not any(p.requires_grad for p in model.parameters())  # left frozen for the stages that follow
 
 
+def test_locate_box_marks_exactly_the_cells_the_target_touches(tiny, samples):
+    _, processor = tiny
+    fine, _ = samples
+    plain = make_example(processor, fine.image, fine.question, fine.answer, BUDGET, fine.target_box)
+    assert plain.target_cells is None
+    ex = make_example(processor, fine.image, fine.question, fine.answer, BUDGET, fine.target_box,
+                      locate_box=fine.target_box)
+    hw = (int(ex.grid_thw[0, 1]) // 2, int(ex.grid_thw[0, 2]) // 2)
+    x0, y0, x1, y1 = original_to_cell_box(fine.target_box, hw, fine.image.size)
+    expected = torch.zeros(hw)
+    expected[y0:y1, x0:x1] = 1.0
+    assert torch.equal(ex.target_cells.view(hw), expected)
+    assert int((ex.input_ids == processor.token_id("<|image_pad|>")).sum()) == ex.target_cells.numel()
+
+
+def _loaded_tiny(seed):
+    from qzoom_service.heads import QZoomBranches
+    from qzoom_service.model import LoadedModel
+
+    model, processor = build_tiny(seed=seed)
+    del model.qzoom
+    return LoadedModel(model, processor, QZoomBranches.create(model.config.text_config), "t", "0", True, 0.1, 0.1)
+
+
+def test_locator_loss_joins_the_answer_loss_and_training_lowers_it(samples, tmp_path):
+    loaded = _loaded_tiny(6)
+    model, processor = loaded.model, loaded.processor
+    fine, coarse = samples
+    fixed = [make_example(processor, fine.image, fine.question, fine.answer, BUDGET, fine.target_box,
+                          locate_box=fine.target_box),
+             make_example(processor, coarse.image, coarse.question, coarse.answer, BUDGET)]  # no cells: skipped
+    locator = BoxLocator(model.config.text_config.hidden_size, layer=2, weight=0.5, pos_weight=10.0)
+    with torch.no_grad():
+        answer_only, _ = batch_loss(model, fixed, True)
+        both, _ = batch_loss(model, fixed, True, locator)
+    before = locator.last["loss"]
+    torch.testing.assert_close(float(both), float(answer_only) + 0.5 * before, rtol=1e-5, atol=1e-6)
+    train_base(loaded, lambda i, rng: fixed[i], TrainConfig(lr=3e-3, batch_size=2, steps=8, warmup=0.0), pool=2,
+               out_dir=tmp_path / "run", locator=locator)
+    with torch.no_grad():
+        batch_loss(model, fixed, True, locator)
+    assert locator.last["loss"] < 0.7 * before
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_examples_are_reproducible_per_index(tiny):
     _, processor = tiny
     calls = []
@@ -157,10 +202,13 @@ def test_workers_build_the_same_examples_in_plan_order_from_a_resumed_position()
 
     def example_for(i, rng):
         crop = (torch.full((2, 3), rng.random()), torch.tensor([[1, 2, 2]]), (0, 0, 1, 1)) if i % 2 else None
-        return BaseExample(torch.full((4, 3), rng.random()), torch.tensor([[1, 2, 2]]), torch.tensor([i, 7]), 1, crop)
+        cells = torch.full((3,), float(i)) if i % 3 else None
+        return BaseExample(torch.full((4, 3), rng.random()), torch.tensor([[1, 2, 2]]), torch.tensor([i, 7]), 1, crop,
+                           cells)
 
     def plain(examples):
-        return [(ex.pixel_values.tolist(), ex.input_ids.tolist(), ex.crop and ex.crop[0].tolist()) for ex in examples]
+        return [(ex.pixel_values.tolist(), ex.input_ids.tolist(), ex.crop and ex.crop[0].tolist(),
+                 ex.target_cells is None or ex.target_cells.tolist()) for ex in examples]
 
     batches = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
     inline = _Examples(example_for, batches, seed=3, workers=0)
