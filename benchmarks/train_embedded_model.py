@@ -67,16 +67,21 @@ TRAIN_BUDGETS = (121, 144, 169)  # mild scale jitter around it
 
 
 def base_example(processor, index: int, rng: random.Random, targets: str = "dots", fine_fraction: float = 0.6,
-                 zoomed: float = 0.9, locate: bool = False):
+                 zoomed: float = 0.9, locate: bool = False, loose: bool = False):
     """Example `index`: hr and doc alternate; `fine_fraction` fine questions, `zoomed` of those fused with
-    their RoI; with `locate`, fine examples carry their target's cells for the `BoxLocator`."""
+    their RoI; with `locate`, fine examples carry their target's cells for the `BoxLocator`; with `loose`,
+    most RoIs grow on every side, as far as the SD-RPN's boxes do (blurred maps add about a cell per side)."""
     split = ("hr", "doc")[index % 2]
     sample = make_sample(split, TRAIN_SEED, index // 2, fine_fraction=fine_fraction, targets=targets)
     budget = rng.choice(TRAIN_BUDGETS)
     zoom_box = None
     if sample.kind == "fine" and rng.random() < zoomed:
         x1, y1, x2, y2 = sample.target_box
-        if rng.random() < 0.3:  # a looser RoI now and then, as an imperfect SD-RPN would give
+        if loose and rng.random() < 0.8:
+            reach = 0.1 * max(sample.image.size)
+            x1, y1 = x1 - rng.uniform(0, reach), y1 - rng.uniform(0, reach)
+            x2, y2 = x2 + rng.uniform(0, reach), y2 + rng.uniform(0, reach)
+        elif rng.random() < 0.3:  # a looser RoI now and then, as an imperfect SD-RPN would give
             grow = rng.uniform(0.0, 0.06) * max(sample.image.size)
             side = rng.randrange(4)
             x1, y1 = (x1 - grow, y1) if side == 0 else (x1, y1 - grow) if side == 1 else (x1, y1)
@@ -90,12 +95,14 @@ def base_example(processor, index: int, rng: random.Random, targets: str = "dots
 class _BaseExampleFor:
     """Picklable-free callable (forked workers inherit it) binding the processor."""
 
-    def __init__(self, processor, targets: str, fine_fraction: float, zoomed: float = 0.9, locate: bool = False):
+    def __init__(self, processor, targets: str, fine_fraction: float, zoomed: float = 0.9, locate: bool = False,
+                 loose: bool = False):
         self.processor, self.targets, self.fine_fraction = processor, targets, fine_fraction
-        self.zoomed, self.locate = zoomed, locate
+        self.zoomed, self.locate, self.loose = zoomed, locate, loose
 
     def __call__(self, index, rng):
-        return base_example(self.processor, index, rng, self.targets, self.fine_fraction, self.zoomed, self.locate)
+        return base_example(self.processor, index, rng, self.targets, self.fine_fraction, self.zoomed, self.locate,
+                            self.loose)
 
 
 class _StopAt(Exception):
@@ -107,8 +114,9 @@ def stage_base(work: Path, args) -> Path:
     schedule, ended at --base-stop. Phase B: --mark-steps on shape-mark targets, 70 % fine questions.
     Phase C: --dot-steps on dot targets (the default synthetic task), 60 % fine questions, all zoomed.
     Phase D: --locate-steps more of phase C's mix with the `BoxLocator` loss on fine examples, so that h_K
-    marks the dot's box for the SD-RPN. With --base-init, phases C and D start from that checkpoint's trunk
-    instead of phases A and B."""
+    marks the dot's box for the SD-RPN. Phase E: --loose-steps with RoIs as loose as the SD-RPN's boxes,
+    training only layers K and up (h_K, all the SD-RPN reads, stays what phase D made it). With --base-init,
+    phases C-E start from that checkpoint's trunk instead of phases A and B."""
     final = work / "base" / "model"
     if (final / "config.json").is_file():
         log.info("base: %s exists, skipped", final)
@@ -129,6 +137,12 @@ def stage_base(work: Path, args) -> Path:
                              args.rpn_pos_weight)
         run_phase(loaded, work / "base" / "locate", phase_d, args.locate_steps,
                   _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0, locate=True), args, locator)
+    if args.loose_steps:
+        phase_e = TrainConfig(lr=args.loose_lr, batch_size=args.base_batch, steps=args.loose_steps, warmup=0.02,
+                              weight_decay=0.01, seed=args.seed + 4, save_every=100, keep_checkpoints=3)
+        run_phase(loaded, work / "base" / "loose", phase_e, args.loose_steps,
+                  _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0, loose=True), args,
+                  frozen_below=SPEC.twig_K)
     return save_base(loaded, final)
 
 
@@ -149,7 +163,8 @@ def phases_a_b(work: Path, args) -> LoadedModel:
     return loaded
 
 
-def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, args, locator=None) -> None:
+def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, args, locator=None,
+              frozen_below: int = 0) -> None:
     """Train (or resume) to step `stop` of `config`, then load the trunk the checkpoint at `stop` holds
     (an early stop keeps the cosine schedule of config.steps). The locator, if any, is dropped after."""
     if stop % config.save_every and stop != config.steps:
@@ -171,7 +186,7 @@ def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, ar
         try:
             train_base(loaded, example_for, config, pool=config.steps * config.batch_size, out_dir=out,
                        resume=(out / "checkpoints").is_dir(), progress=False, callback=progress,
-                       workers=args.workers, locator=locator)
+                       workers=args.workers, locator=locator, frozen_below=frozen_below)
         except _StopAt:
             log.info("%s: stopped at step %d of %d", out.name, stop, config.steps)
     state = load_file(str(at_stop / "state.safetensors"))
@@ -492,6 +507,9 @@ def main(argv=None) -> int:
                    help="phase D steps: phase C's mix plus the BoxLocator loss on the dot's cells")
     p.add_argument("--locate-lr", type=float, default=1e-3)
     p.add_argument("--locate-weight", type=float, default=1.0, help="weight of the BoxLocator loss")
+    p.add_argument("--loose-steps", type=int, default=400,
+                   help="phase E steps: RoIs as loose as the SD-RPN's, layers below K frozen")
+    p.add_argument("--loose-lr", type=float, default=1e-3)
     p.add_argument("--base-init", type=Path,
                    help="start phases C and D from this checkpoint's trunk (e.g. a previous release) instead of "
                         "phases A and B")
