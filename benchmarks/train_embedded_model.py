@@ -114,9 +114,9 @@ def stage_base(work: Path, args) -> Path:
     schedule, ended at --base-stop. Phase B: --mark-steps on shape-mark targets, 70 % fine questions.
     Phase C: --dot-steps on dot targets (the default synthetic task), 60 % fine questions, all zoomed.
     Phase D: --locate-steps more of phase C's mix with the `BoxLocator` loss on fine examples, so that h_K
-    marks the dot's box for the SD-RPN. Phase E: --loose-steps with RoIs as loose as the SD-RPN's boxes,
-    training only layers K and up (h_K, all the SD-RPN reads, stays what phase D made it). With --base-init,
-    phases C-E start from that checkpoint's trunk instead of phases A and B."""
+    marks the dot's box for the SD-RPN. Phase E: --loose-steps more with RoIs as loose as the SD-RPN's boxes
+    (and the locator loss still on). With --base-init, phases C-E start from that checkpoint's trunk instead
+    of phases A and B."""
     final = work / "base" / "model"
     if (final / "config.json").is_file():
         log.info("base: %s exists, skipped", final)
@@ -133,17 +133,22 @@ def stage_base(work: Path, args) -> Path:
     if args.locate_steps:
         phase_d = TrainConfig(lr=args.locate_lr, batch_size=args.base_batch, steps=args.locate_steps, warmup=0.02,
                               weight_decay=0.01, seed=args.seed + 3, save_every=100, keep_checkpoints=3)
-        locator = BoxLocator(loaded.model.config.text_config.hidden_size, SPEC.twig_K, args.locate_weight,
-                             args.rpn_pos_weight)
         run_phase(loaded, work / "base" / "locate", phase_d, args.locate_steps,
-                  _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0, locate=True), args, locator)
+                  _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0, locate=True), args,
+                  make_locator(loaded, args))
     if args.loose_steps:
         phase_e = TrainConfig(lr=args.loose_lr, batch_size=args.base_batch, steps=args.loose_steps, warmup=0.02,
                               weight_decay=0.01, seed=args.seed + 4, save_every=100, keep_checkpoints=3)
         run_phase(loaded, work / "base" / "loose", phase_e, args.loose_steps,
-                  _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0, loose=True), args,
-                  frozen_below=SPEC.twig_K)
+                  _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0, locate=True, loose=True), args,
+                  make_locator(loaded, args))
     return save_base(loaded, final)
+
+
+def make_locator(loaded, args) -> BoxLocator:
+    """A fresh `BoxLocator` on h_K (K = the branches' layer), foreground weighted like the twig's loss."""
+    return BoxLocator(loaded.model.config.text_config.hidden_size, SPEC.twig_K, args.locate_weight,
+                      args.rpn_pos_weight)
 
 
 def phases_a_b(work: Path, args) -> LoadedModel:
@@ -163,8 +168,7 @@ def phases_a_b(work: Path, args) -> LoadedModel:
     return loaded
 
 
-def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, args, locator=None,
-              frozen_below: int = 0) -> None:
+def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, args, locator=None) -> None:
     """Train (or resume) to step `stop` of `config`, then load the trunk the checkpoint at `stop` holds
     (an early stop keeps the cosine schedule of config.steps). The locator, if any, is dropped after."""
     if stop % config.save_every and stop != config.steps:
@@ -186,7 +190,7 @@ def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, ar
         try:
             train_base(loaded, example_for, config, pool=config.steps * config.batch_size, out_dir=out,
                        resume=(out / "checkpoints").is_dir(), progress=False, callback=progress,
-                       workers=args.workers, locator=locator, frozen_below=frozen_below)
+                       workers=args.workers, locator=locator)
         except _StopAt:
             log.info("%s: stopped at step %d of %d", out.name, stop, config.steps)
     state = load_file(str(at_stop / "state.safetensors"))
@@ -403,19 +407,23 @@ of one big object (answerable from the coarse view) and the colour of a small do
 
 ## How it was trained
 
-1. **Base model**, from a random init, in four phases. Phase A ({args.base_stop} steps of a {args.base_steps}-step
+1. **Base model**, from a random init, in five phases. Phase A ({args.base_stop} steps of a {args.base_steps}-step
    cosine schedule x {args.base_batch} samples, AdamW lr {args.base_lr}) with glyph targets (digits, letters):
    it learned the big object's colour (its shape stayed near chance) and read the glyphs at chance.
    Phase B ({args.mark_steps} steps, lr {args.mark_lr}) on shape-mark targets, 70 % fine questions: the
    marks, and even the big object's shape, stayed near chance. Phase C ({args.dot_steps} steps, lr
    {args.dot_lr}) on the dot targets, 60 % fine questions, every one of them zoomed{_init_note(args)}.
    Phase D ({args.locate_steps} steps, lr {args.locate_lr}) continued phase C's mix with an auxiliary loss
-   (`BoxLocator`, weight {args.locate_weight}): a linear head on the coarse image tokens at the input of layer
-   {cfg['twig_K']} marks the cells the dot's box touches; it is discarded after. Without it the trunk, always
-   handed the right crop in training, did not encode where the box is (a linear probe on those tokens found it in
-   34 % of held-out scenes) and the frozen-trunk SD-RPN had nothing to find it by. All phases: coarse questions on the coarse view ({TRAIN_BUDGETS} tokens), fine questions on the fused coarse +
-   zoom sequence whose RoI is the crop over the grid cells the target box touches (sometimes loosened),
-   re-encoded at the coarse budget and positioned by `reuse_src_pos` (phases A and B: 10 % of fine questions
+   (`BoxLocator`, weight {args.locate_weight}): a linear head on the coarse image tokens at the input of
+   layer {cfg['twig_K']} marks the cells the dot's box touches; it is discarded after. Without it the trunk,
+   always handed the right crop in training, did not encode where the box is (a linear probe on those tokens
+   found it in 34 % of held-out scenes) and the frozen-trunk SD-RPN had nothing to find it by. Phase E
+   ({args.loose_steps} steps, lr {args.loose_lr}) is phase D with RoIs grown on every side by up to 10 % of
+   the image side, as loose as the SD-RPN's blurred, thresholded maps make them (trained on tight crops
+   only, the model read the dot in 78 % of those). All phases: coarse questions on the coarse view
+   ({TRAIN_BUDGETS} tokens), fine questions on the fused coarse + zoom sequence whose RoI is the crop over
+   the grid cells the target box touches (sometimes loosened), re-encoded at the coarse budget and
+   positioned by `reuse_src_pos` (phases A and B: 10 % of fine questions
    without the zoom). Training seed {TRAIN_SEED}.
 2. **Stage 1, SD-RPN.** The self-distillation teacher (the base model's own attention from its answer to
    the coarse image, textual mode, OUR head heuristic: every head of layers 2-3) was measured on
@@ -508,14 +516,14 @@ def main(argv=None) -> int:
     p.add_argument("--locate-lr", type=float, default=1e-3)
     p.add_argument("--locate-weight", type=float, default=1.0, help="weight of the BoxLocator loss")
     p.add_argument("--loose-steps", type=int, default=400,
-                   help="phase E steps: RoIs as loose as the SD-RPN's, layers below K frozen")
+                   help="phase E steps: phase D with RoIs as loose as the SD-RPN's boxes")
     p.add_argument("--loose-lr", type=float, default=1e-3)
     p.add_argument("--base-init", type=Path,
                    help="start phases C and D from this checkpoint's trunk (e.g. a previous release) instead of "
                         "phases A and B")
     p.add_argument("--rpn-samples", type=int, default=1200)
     p.add_argument("--rpn-holdout", type=int, default=100)
-    p.add_argument("--rpn-steps", type=int, default=1200)
+    p.add_argument("--rpn-steps", type=int, default=600)
     p.add_argument("--rpn-pos-weight", type=float, default=10.0,
                    help="foreground weight of the selective BCE (the target covers 1-4 of 140 cells)")
     p.add_argument("--rpn-lr", type=float, default=3e-3)

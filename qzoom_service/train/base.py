@@ -255,10 +255,8 @@ class _Examples:
 
 def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample], config: TrainConfig, *,
                pool: int, out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
-               callback=None, workers: int = 0, locator: BoxLocator | None = None, frozen_below: int = 0) -> list:
-    """Train every parameter of `loaded.model` (branches excluded) on examples 0..pool-1, except, with
-    `frozen_below` = k > 0, the vision tower, the token embeddings and text layers 0..k-1: then h_k, the
-    input of layer k (all a Q-Zoom branch at K = k reads), does not change.
+               callback=None, workers: int = 0, locator: BoxLocator | None = None) -> list:
+    """Train every parameter of `loaded.model` (branches excluded) on examples 0..pool-1.
 
     With `locator`, its auxiliary loss joins the answer loss on examples that carry `target_cells`; the
     locator trains along (and is checkpointed for resume) but is not part of the model.
@@ -274,16 +272,10 @@ def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample],
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
-    if frozen_below:
-        lm = model.model.language_model
-        for module in (model.model.visual, lm.embed_tokens, *lm.layers[:frozen_below]):
-            module.requires_grad_(False)
     batches = plan_batches(lambda epoch: list(range(pool)), config.batch_size, config.epochs, config.steps,
                            config.seed)
     settings = {"role": "base", "pool": pool, "reuse_src_pos": loaded.reuse_src_pos,
                 "plan": plan_digest(batches, lambda i: i)}
-    if frozen_below:
-        settings["frozen_below"] = frozen_below
     if locator is not None:
         settings["locator"] = {"layer": locator.layer, "weight": locator.weight, "pos_weight": locator.pos_weight}
     examples = _Examples(example_for, batches, config.seed, workers)
