@@ -14,15 +14,17 @@ import sys
 
 import pytest
 
-from qzoom_service.bench.synthetic import ANSWER_VOCAB, make_sample
+from qzoom_service.bench.synthetic import ANSWER_VOCAB, box_contains, make_sample
 from qzoom_service.config import TOKEN_PIXELS, EngineConfig, RequestOptions
 from qzoom_service.engine import QZoomEngine
 from qzoom_service.model import EMBEDDED_MODEL_DIR, load_for_config
 from qzoom_service.types import Request
 
 SEED = 4242
-COARSE = [("hr", i) for i in range(6)] + [("doc", i) for i in range(6)]
+COARSE = [("hr", i) for i in range(12)] + [("doc", i) for i in range(12)]
 FINE = [("hr", i) for i in range(6, 12)] + [("doc", i) for i in range(6, 12)]
+# Measured when shipped: the gate opened on 12 of 12, the SD-RPN box held the dot's box on 12, 11 right.
+AUTO_ZOOMED_MIN, AUTO_RIGHT_MIN = 10, 10
 
 
 @pytest.fixture(scope="module")
@@ -42,27 +44,41 @@ def test_the_embedded_model_is_the_trained_one_within_size(engine):
     assert engine.config.min_pixels == engine.config.max_pixels == 144 * TOKEN_PIXELS
 
 
-def test_coarse_questions_are_answered_well_above_chance(engine):
+def test_coarse_questions_are_answered_from_the_coarse_view_and_no_worse_with_the_gate(engine):
     samples = [make_sample(split, SEED, i, fine_fraction=0.0) for split, i in COARSE]
-    results = [engine.answer([Request(s.image, s.question)])[0] for s in samples]
-    right = sum(r.answer == s.answer for r, s in zip(results, samples))
-    # Measured 6/12 when shipped (the colours right, the shapes near chance); chance is 1/6 to 1/3.
-    assert right / len(samples) >= 0.45, [(s.question, s.answer, r.answer) for s, r in zip(samples, results)]
+    auto = [engine.answer([Request(s.image, s.question)])[0] for s in samples]
+    direct = [engine.answer([Request(s.image, s.question, RequestOptions(mode="direct"))])[0] for s in samples]
+    detail = [(s.question, s.answer, a.route, a.answer, d.answer) for s, a, d in zip(samples, auto, direct)]
+    colour = [i for i, s in enumerate(samples) if "colour" in s.question]
+    # Measured when shipped: colour 11/11 both ways; shapes near chance (1/3); 14/24 auto, 15/24 direct.
+    assert len(colour) >= 6 and sum(auto[i].answer == samples[i].answer for i in colour) >= len(colour) - 1, detail
+    right = lambda results: sum(r.answer == s.answer for r, s in zip(results, samples))  # noqa: E731
+    assert right(auto) >= right(direct) - 2, detail
     # It answers with the question's kind of word (a colour or a shape) most of the time.
-    assert sum(r.answer in ANSWER_VOCAB["coarse"] for r in results) / len(results) >= 0.75
+    assert sum(r.answer in ANSWER_VOCAB["coarse"] for r in auto) / len(auto) >= 0.75
+
+
+def test_fine_questions_go_through_the_gate_and_the_sd_rpn_to_the_right_answer(engine):
+    """The automatic route: the gate opens, the model's own SD-RPN box holds the dot's box, the zoom reads it."""
+    samples = [make_sample(split, SEED, i, fine_fraction=1.0) for split, i in FINE]
+    results = [engine.answer([Request(s.image, s.question)])[0] for s in samples]
+    detail = [(s.split, s.answer, r.route, r.roi_box, r.answer) for s, r in zip(samples, results)]
+    zoomed = [(s, r) for s, r in zip(samples, results) if r.route == "zoom"]
+    assert len(zoomed) >= AUTO_ZOOMED_MIN, detail
+    assert sum(box_contains(r.roi_box, s.target_box) for s, r in zoomed) >= len(zoomed) - 1, detail
+    assert sum(r.answer == s.answer for s, r in zip(samples, results)) >= AUTO_RIGHT_MIN, detail
 
 
 def test_fine_questions_are_read_when_zoomed_on_the_box_and_not_from_the_coarse_view(engine):
     """The explicit-box route (what `ZoomRegion` and the agent tools use): the crop over the dot's box,
-    re-encoded and spliced after the coarse image. The model's own SD-RPN does not find the box yet (see
-    the model card), so the automatic route is not asserted here."""
+    re-encoded and spliced after the coarse image."""
     samples = [make_sample(split, SEED, i, fine_fraction=1.0) for split, i in FINE]
     zoomed = [engine.zoom(Request(s.image, s.question), engine.plan_for_box(Request(s.image, s.question),
                                                                             s.target_box)) for s in samples]
     direct = [engine.answer([Request(s.image, s.question, RequestOptions(mode="direct"))])[0] for s in samples]
     detail = [(s.split, s.answer, z.answer, d.answer) for s, z, d in zip(samples, zoomed, direct)]
     assert all(z.route == "zoom" and z.visual_tokens["zoom"] > 0 for z in zoomed)
-    # Measured 12/12 zoomed and 1/12 direct when shipped; chance is 1/6.
+    # Measured 12/12 zoomed and 0/12 direct when shipped; chance is 1/6.
     assert sum(z.answer == s.answer for s, z in zip(samples, zoomed)) >= 10, detail
     assert sum(d.answer == s.answer for s, d in zip(samples, direct)) <= 5, detail
 
