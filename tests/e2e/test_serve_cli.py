@@ -64,3 +64,8 @@ def test_the_embedded_model_answers_through_the_service(served, tmp_path):
                 "--question", fine.question, "--json")
     assert zoom.returncode == 0, zoom.stderr
     assert json.loads(zoom.stdout)["answer"] == fine.answer
+    # The same question asked plainly: the gate opens and the model's own SD-RPN finds the box.
+    auto = _run("ask", "--addr", served, "--image", str(image), "--question", fine.question, "--json")
+    assert auto.returncode == 0, auto.stderr
+    routed = json.loads(auto.stdout)
+    assert routed["route"] == "zoom" and routed["answer"] == fine.answer, routed
