@@ -52,8 +52,8 @@ def test_coarse_questions_are_answered_from_the_coarse_view_and_no_worse_with_th
     colour = [i for i, s in enumerate(samples) if "colour" in s.question]
     # Measured when shipped: colour 11/11 both ways; shapes near chance (1/3); 14/24 auto, 15/24 direct.
     assert len(colour) >= 6 and sum(auto[i].answer == samples[i].answer for i in colour) >= len(colour) - 1, detail
-    right = lambda results: sum(r.answer == s.answer for r, s in zip(results, samples))  # noqa: E731
-    assert right(auto) >= right(direct) - 2, detail
+    right_auto, right_direct = (sum(r.answer == s.answer for r, s in zip(rs, samples)) for rs in (auto, direct))
+    assert right_auto >= right_direct - 2, detail
     # It answers with the question's kind of word (a colour or a shape) most of the time.
     assert sum(r.answer in ANSWER_VOCAB["coarse"] for r in auto) / len(auto) >= 0.75
 
