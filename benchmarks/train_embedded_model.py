@@ -126,23 +126,26 @@ def stage_base(work: Path, args) -> Path:
     else:
         loaded = phases_a_b(work, args)
     if args.dot_steps:
-        phase_c = TrainConfig(lr=args.dot_lr, batch_size=args.base_batch, steps=args.dot_steps, warmup=0.02,
-                              weight_decay=0.01, seed=args.seed + 2, save_every=100, keep_checkpoints=3)
+        phase_c = phase_config(args, args.dot_lr, args.dot_steps, 2)
         run_phase(loaded, work / "base" / "dots", phase_c, args.dot_steps,
                   _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0), args)
     if args.locate_steps:
-        phase_d = TrainConfig(lr=args.locate_lr, batch_size=args.base_batch, steps=args.locate_steps, warmup=0.02,
-                              weight_decay=0.01, seed=args.seed + 3, save_every=100, keep_checkpoints=3)
+        phase_d = phase_config(args, args.locate_lr, args.locate_steps, 3)
         run_phase(loaded, work / "base" / "locate", phase_d, args.locate_steps,
                   _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0, locate=True), args,
                   make_locator(loaded, args))
     if args.loose_steps:
-        phase_e = TrainConfig(lr=args.loose_lr, batch_size=args.base_batch, steps=args.loose_steps, warmup=0.02,
-                              weight_decay=0.01, seed=args.seed + 4, save_every=100, keep_checkpoints=3)
+        phase_e = phase_config(args, args.loose_lr, args.loose_steps, 4)
         run_phase(loaded, work / "base" / "loose", phase_e, args.loose_steps,
                   _BaseExampleFor(loaded.processor, "dots", 0.6, zoomed=1.0, locate=True, loose=True), args,
                   make_locator(loaded, args))
     return save_base(loaded, final)
+
+
+def phase_config(args, lr: float, steps: int, seed_offset: int) -> TrainConfig:
+    """The schedule every base phase shares; each phase draws its own examples (seed + `seed_offset`)."""
+    return TrainConfig(lr=lr, batch_size=args.base_batch, steps=steps, warmup=0.02, weight_decay=0.01,
+                       seed=args.seed + seed_offset, save_every=100, keep_checkpoints=3)
 
 
 def make_locator(loaded, args) -> BoxLocator:
@@ -157,12 +160,10 @@ def phases_a_b(work: Path, args) -> LoadedModel:
     empty = QZoomBranches.create(model.config.text_config)
     loaded = LoadedModel(model, processor, empty, "qzoom-synth-tiny-base", "0", SPEC.reuse_src_pos, 0.1, 0.1)
     stop = args.base_stop or args.base_steps
-    phase_a = TrainConfig(lr=args.base_lr, batch_size=args.base_batch, steps=args.base_steps, warmup=0.02,
-                          weight_decay=0.01, seed=args.seed, save_every=100, keep_checkpoints=3)
+    phase_a = phase_config(args, args.base_lr, args.base_steps, 0)
     run_phase(loaded, work / "base", phase_a, stop, _BaseExampleFor(processor, "glyphs", 0.6), args)
     if args.mark_steps:
-        phase_b = TrainConfig(lr=args.mark_lr, batch_size=args.base_batch, steps=args.mark_steps, warmup=0.02,
-                              weight_decay=0.01, seed=args.seed + 1, save_every=100, keep_checkpoints=3)
+        phase_b = phase_config(args, args.mark_lr, args.mark_steps, 1)
         run_phase(loaded, work / "base" / "marks", phase_b, args.mark_steps,
                   _BaseExampleFor(processor, "marks", 0.7), args)
     return loaded
@@ -521,7 +522,7 @@ def main(argv=None) -> int:
                    help="phase E steps: phase D with RoIs as loose as the SD-RPN's boxes")
     p.add_argument("--loose-lr", type=float, default=1e-3)
     p.add_argument("--base-init", type=Path,
-                   help="start phases C and D from this checkpoint's trunk (e.g. a previous release) instead of "
+                   help="start phases C-E from this checkpoint's trunk (e.g. a previous release) instead of "
                         "phases A and B")
     p.add_argument("--rpn-samples", type=int, default=1200)
     p.add_argument("--rpn-holdout", type=int, default=100)
