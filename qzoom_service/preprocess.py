@@ -21,6 +21,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from .config import EngineConfig, RequestOptions
 from .errors import ImageTooLarge, InvalidInput
+from .geometry import MAX_ASPECT_RATIO
 from .types import Prepared, Request
 
 __all__ = ["Processor", "prepare", "load_image", "smart_resize", "resolve_options", "input_size_for"]
@@ -139,6 +140,7 @@ def load_image(data: Image.Image | bytes, config: EngineConfig) -> Image.Image:
             raise InvalidInput(f"image bytes are not a readable image (truncated or corrupt?): {e}") from None
     if image.width < 1 or image.height < 1:
         raise InvalidInput(f"image has zero size ({image.width}x{image.height})")
+    _check_aspect_ratio(image.width, image.height)
     return image.convert("RGB")
 
 
@@ -148,6 +150,18 @@ def _check_pixels(width: int, height: int, config: EngineConfig) -> None:
     if width * height > config.max_image_pixels:
         raise ImageTooLarge(
             f"image is {width}x{height} = {width * height} pixels; the limit is {config.max_image_pixels}"
+        )
+
+
+def _check_aspect_ratio(width: int, height: int) -> None:
+    # The image processor refuses a ratio over MAX_ASPECT_RATIO after the pre-resize has rounded both sides to
+    # the grid (a 30 px side becomes 28), so that is the ratio to check; it raises a bare ValueError otherwise.
+    h, w = smart_resize(height, width, PRERESIZE_MIN, PRERESIZE_MAX)
+    ratio = max(h, w) / min(h, w)
+    if ratio > MAX_ASPECT_RATIO:
+        raise InvalidInput(
+            f"image is {width}x{height}: an aspect ratio of {ratio:.0f} once resized to the {FACTOR}-px grid, over "
+            f"the model's limit of {MAX_ASPECT_RATIO}; crop or pad it to a less elongated shape"
         )
 
 

@@ -56,6 +56,9 @@ GOOD = _png_bytes(make_image(200, 150))
         (_claimed_size_png(2_000, 2_000), "q?", RequestOptions(), ImageTooLarge, "4000000 pixels; the limit is 2000000"),
         (_claimed_size_png(40_000, 40_000), "q?", RequestOptions(), ImageTooLarge, "decompression bomb"),
         (Image.new("RGB", (3000, 3000)), "q?", RequestOptions(), ImageTooLarge, "9000000 pixels"),
+        # Over the processor's aspect-ratio limit only once 30 px rounds to 28: 8008 / 28 = 286.
+        (_png_bytes(Image.new("RGB", (8000, 30))), "q?", RequestOptions(), InvalidInput, "aspect ratio of 286"),
+        (Image.new("RGB", (30, 5628)), "q?", RequestOptions(), InvalidInput, "aspect ratio of 201"),
         (GOOD, "   ", RequestOptions(), InvalidInput, "question is empty"),
         (GOOD, "q?", RequestOptions(mode="sometimes"), InvalidInput, "mode must be one of"),
         (GOOD, "q?", RequestOptions(gate_threshold=1.5), InvalidInput, r"gate_threshold must be a probability"),
