@@ -79,7 +79,7 @@ def run_layers(layers, h, mask, position_embeddings, cache=None) -> torch.Tensor
             h,
             attention_mask=mask,
             position_ids=None,  # M-RoPE goes only through position_embeddings
-            past_key_values=cache,
+            cache=cache,
             use_cache=cache is not None,
             position_embeddings=position_embeddings,
         )
