@@ -3,6 +3,8 @@ first-token confidence gate."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -39,11 +41,36 @@ def test_auto_mode_zooms_with_the_attention_roi_when_unsure(plain_engine):
     assert forced.generated_ids == direct.generated_ids  # the confidence pass reuses the same prefill
 
 
+def _eager_image_attention(model, state, layer_index: int) -> torch.Tensor:
+    """The stock layer's own softmax attention (eager, so it returns weights) of the last token over the image."""
+    from qzoom_service.coarse import causal_mask
+
+    layer = model.model.language_model.layers[layer_index]
+    config = layer.self_attn.config
+    previous, config._attn_implementation = config._attn_implementation, "eager"
+    try:
+        h = state.h_k
+        _, weights = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=state.position_embeddings,
+                                     attention_mask=causal_mask(h.shape[1], h.shape[1], h.dtype, h.device))
+    finally:
+        config._attn_implementation = previous
+    return weights[0, :, -1, state.image_start:state.image_start + state.num_visual].mean(0)  # (Nv,)
+
+
 def test_attention_map_divides_by_the_generic_prompt(plain_engine):
     from qzoom_service.coarse import encode_images, prefill_to_k
 
+    model, k = plain_engine.model, plain_engine.loaded.prefix_k
     p = plain_engine.prepare(Request(make_image(400, 300), "Where is the box?"))
-    (emb,) = encode_images(plain_engine.model, p.pixel_values, p.grid_thw)
-    state = prefill_to_k(plain_engine.model, p, emb, plain_engine.loaded.prefix_k)
-    same = attention_roi.attention_map(plain_engine.model, state, state, p.merged_hw)
-    assert torch.allclose(same, torch.ones_like(same), atol=1e-4)  # question / itself = uniform
+    (emb,) = encode_images(model, p.pixel_values, p.grid_thw)
+    state = prefill_to_k(model, p, emb, k)
+    generic = replace(p, input_ids=plain_engine.processor.prompt_ids(attention_roi.GENERIC_PROMPT, state.num_visual))
+    generic_state = prefill_to_k(model, generic, emb, k)
+    got = attention_roi.attention_map(model, state, generic_state, p.merged_hw)
+
+    question, baseline = _eager_image_attention(model, state, k), _eager_image_attention(model, generic_state, k)
+    ratio = question / baseline
+    assert torch.allclose(got.flatten(), ratio / ratio.max(), atol=1e-4)
+    # The division is visible: the map is neither the question's attention alone nor uniform.
+    assert not torch.allclose(got.flatten(), question / question.max(), atol=1e-2)
+    assert got.min() < 0.9
