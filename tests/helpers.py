@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -22,6 +23,13 @@ def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
     draw = ImageDraw.Draw(img)
     draw.rectangle([width // 3, height // 3, width // 2, height // 2], fill=(255, 0, 0))
     return img
+
+
+def png(image: Image.Image) -> bytes:
+    """The image encoded as PNG bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def free_port() -> int:

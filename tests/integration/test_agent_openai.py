@@ -15,20 +15,15 @@ from qzoom_client import QZoomClient
 from qzoom_client.tools import ToolSession
 from qzoom_client.tools.openai_tools import run_chat_tool_calls, run_responses_call
 
-from ..helpers import make_image
+from ..helpers import make_image, png
 
-
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def session(qzoom_serve):
     with QZoomClient(qzoom_serve, timeout=120) as client:
         s = ToolSession(client, "generic")
-        s.add_image(_png(make_image(800, 600, seed=42)))
+        s.add_image(png(make_image(800, 600, seed=42)))
         yield s
 
 

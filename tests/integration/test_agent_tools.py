@@ -14,7 +14,7 @@ from PIL import Image
 from qzoom_client import QZoomClient, coords
 from qzoom_client.tools import PROFILES, ToolError, ToolSession, parse_grounding, parse_tool_calls
 
-from ..helpers import make_image
+from ..helpers import make_image, png
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "tool_calls"
@@ -29,13 +29,8 @@ SETUP = {
 }
 
 
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
-
-IMAGE = _png(make_image(1344, 1008, seed=41))  # the size the fixtures' boxes assume; this module's own crops
+IMAGE = png(make_image(1344, 1008, seed=41))  # the size the fixtures' boxes assume; this module's own crops
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +138,7 @@ def test_answer_runs_the_services_own_zoom_path(client):
 def test_the_crop_cap_is_a_readable_resource_error_and_existing_crops_stay_usable(client):
     """The default server caps crops per image (64); the 65th new crop is refused, a known one is not."""
     session = ToolSession(client, "generic")
-    image_id = session.add_image(_png(make_image(320, 240, seed=55))).image_id
+    image_id = session.add_image(png(make_image(320, 240, seed=55))).image_id
     made = 0
     with pytest.raises(ToolError) as info:
         for made in range(1000):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from qzoom_client.tools import tool_definition
 
-from ..helpers import make_image
+from ..helpers import free_port, make_image
 
 pytest.importorskip("mcp")
 import anyio  # noqa: E402
@@ -116,14 +116,8 @@ def test_stdio_profile_names_the_zoom_tool_and_counts_images(qzoom_serve, image_
     assert missing.is_error and "exactly one of path" in missing.content[0].text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_streamable_http_transport(qzoom_serve, image_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([QZOOM_MCP, "--addr", qzoom_serve, "--transport", "http", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

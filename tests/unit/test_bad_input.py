@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
@@ -14,18 +13,13 @@ from qzoom_service.engine import QZoomEngine
 from qzoom_service.errors import ImageTooLarge, InvalidInput
 from qzoom_service.types import Request
 
-from ..helpers import make_image
+from ..helpers import make_image, png
 
-
-def _png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _claimed_size_png(width: int, height: int) -> bytes:
     """A small real PNG whose header claims width x height: a decompression bomb is caught from the header."""
-    data = bytearray(_png_bytes(Image.new("RGB", (8, 8))))
+    data = bytearray(png(Image.new("RGB", (8, 8))))
     data[16:24] = struct.pack(">II", width, height)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     return bytes(data)
@@ -43,7 +37,7 @@ def spy_engine(tiny_loaded, monkeypatch):
     return engine, calls
 
 
-GOOD = _png_bytes(make_image(200, 150))
+GOOD = png(make_image(200, 150))
 
 
 @pytest.mark.parametrize(
@@ -57,7 +51,7 @@ GOOD = _png_bytes(make_image(200, 150))
         (_claimed_size_png(40_000, 40_000), "q?", RequestOptions(), ImageTooLarge, "decompression bomb"),
         (Image.new("RGB", (3000, 3000)), "q?", RequestOptions(), ImageTooLarge, "9000000 pixels"),
         # Over the processor's aspect-ratio limit only once 30 px rounds to 28: 8008 / 28 = 286.
-        (_png_bytes(Image.new("RGB", (8000, 30))), "q?", RequestOptions(), InvalidInput, "aspect ratio of 286"),
+        (png(Image.new("RGB", (8000, 30))), "q?", RequestOptions(), InvalidInput, "aspect ratio of 286"),
         (Image.new("RGB", (30, 5628)), "q?", RequestOptions(), InvalidInput, "aspect ratio of 201"),
         (GOOD, "   ", RequestOptions(), InvalidInput, "question is empty"),
         (GOOD, "q?", RequestOptions(mode="sometimes"), InvalidInput, "mode must be one of"),
