@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from qzoom_service.bench.synthetic import box_contains, generate, make_sample, write_dataset
+from qzoom_service.synthetic import box_contains, generate, make_sample, write_dataset
 from qzoom_service.config import TOKEN_PIXELS, RequestOptions
 from qzoom_service.engine import QZoomEngine
 from qzoom_service.heads import QZoomBranches

@@ -36,9 +36,10 @@ from ..config import TOKEN_PIXELS
 from ..errors import InvalidInput
 from ..preprocess import MERGE, preresize
 from ..rpn import cell_box_to_original, original_to_cell_box
+from ..synthetic import stable_seed
 from ..zoom import encode_crop, splice_roi
 from .checkpoint import atomic_dir
-from .loop import TrainConfig, _stable_seed, fit, plan_batches, plan_digest
+from .loop import TrainConfig, fit, plan_batches, plan_digest
 
 __all__ = ["BaseExample", "BoxLocator", "make_example", "batch_loss", "train_base", "save_base"]
 
@@ -198,7 +199,7 @@ def _worker_init(example_for) -> None:
 
 def _build(example_for, batch, seed: int) -> list[BaseExample]:
     """The examples of `batch`; each index gets its own seeded stream, so where it is built does not matter."""
-    return [example_for(i, random.Random(_stable_seed(seed, "example", i))) for i in batch]
+    return [example_for(i, random.Random(stable_seed(seed, "example", i))) for i in batch]
 
 
 def _build_batch(args) -> list[BaseExample]:

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError, InvalidInput
+from ..synthetic import stable_seed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "TrainResult", "plan_batches", "plan_digest", "lr_factor", "fit"]
@@ -75,10 +76,6 @@ class TrainResult:
     model_dir: Path | None = None  # the released-layout checkpoint, when an output directory was given
 
 
-def _stable_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(",".join(map(str, parts)).encode()).digest()[:8], "big")
-
-
 def plan_batches(epoch_items: Callable[[int], list], batch_size: int, epochs: int, steps: int | None,
                  seed: int) -> list[list]:
     """Every optimizer step's batch: each epoch's items in a seeded order, cut into batches (the last
@@ -89,7 +86,7 @@ def plan_batches(epoch_items: Callable[[int], list], batch_size: int, epochs: in
         if not items:
             raise InvalidInput(f"epoch {epoch} has no training items (every sample filtered out or ignored)")
         order = list(range(len(items)))
-        random.Random(_stable_seed(seed, "order", epoch)).shuffle(order)
+        random.Random(stable_seed(seed, "order", epoch)).shuffle(order)
         for i in range(0, len(order), batch_size):
             batches.append([items[j] for j in order[i : i + batch_size]])
             if steps is not None and len(batches) == steps:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from qzoom_service.bench.synthetic import generate, write_dataset
+from qzoom_service.synthetic import generate, write_dataset
 from qzoom_service.model import load_model
 from qzoom_service.cli import main
 from qzoom_service.train.gate_labels import LadderSet, load_ladders, save_ladders

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qzoom_service.bench.synthetic import generate, write_dataset
+from qzoom_service.synthetic import generate, write_dataset
 from qzoom_service.coarse import causal_mask
 from qzoom_service.config import EngineConfig, RequestOptions
 from qzoom_service.engine import QZoomEngine

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from qzoom_service.bench.synthetic import make_sample
+from qzoom_service.synthetic import make_sample
 from qzoom_service.coarse import encode_images, prefill_to_k
 from qzoom_service.config import RequestOptions, TOKEN_PIXELS
 from qzoom_service.model import load_model
