@@ -18,7 +18,7 @@ import json
 import os
 import random
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -148,6 +148,16 @@ class GateDataset:
             if y != IGNORE:
                 out.append((ladder, ladder.res[i], y))
         return out
+
+    def split(self, fraction: float) -> tuple["GateDataset", "GateDataset"]:
+        """(train, held out): a `fraction` of the filtered pool, chosen by a shuffle seeded with `seed`, is
+        held out (for `train_heads.gate_calibration`)."""
+        if not 0.0 <= fraction < 1.0:
+            raise InvalidInput(f"the held-out fraction must be in [0, 1); got {fraction}")
+        items = list(self.items)
+        random.Random(self.seed).shuffle(items)
+        n = int(round(fraction * len(items)))
+        return replace(self, items=items[n:]), replace(self, items=items[:n])
 
 
 def check_resolutions(resolutions, top_group: int = 2) -> tuple[int, ...]:
