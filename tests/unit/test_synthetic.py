@@ -235,9 +235,11 @@ def test_same_samples_in_another_process_with_another_hash_seed():
         assert out.stdout.strip() == expected
 
 
-@pytest.mark.parametrize("parts, value", [((7, 1, 0, 0), 12039352113434802695), ((1000, 2, 99, 1), 17597340180067348486),
+@pytest.mark.parametrize("parts, value", [((7, 1, 0, 0), 12039352113434802695),
+                                          ((1000, 2, 99, 1), 17597340180067348486),
                                           ((0, "order", 3), 12594500170710758738),
-                                          ((0, "example", 12), 9829866580870797932), ((5, 2, 7), 17150888580273480074)])
+                                          ((0, "example", 12), 9829866580870797932),
+                                          ((5, 2, 7), 17150888580273480074)])
 def test_stable_seed_keeps_the_values_earlier_scenes_and_runs_were_drawn_with(parts, value):
     """Pinned from the copies it replaced (bench/synthetic, train/loop, train/gate_labels): held-out scenes,
     batch orders, example draws and gate labels of earlier runs depend on these exact values."""
