@@ -126,7 +126,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .bench.synthetic import generate, write_dataset
+    from .synthetic import generate, write_dataset
 
     samples = generate(args.split, args.n, args.seed, fine_fraction=args.fine_fraction, targets=args.targets)
     path = write_dataset(samples, args.out)

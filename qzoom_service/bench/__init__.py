@@ -1,1 +1,1 @@
-"""Benchmark and training-data generators for the Q-Zoom service."""
+"""`qzoom bench`: the benchmark runner (its synthetic data comes from `qzoom_service.synthetic`)."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..config import TOKEN_PIXELS, RequestOptions
 from ..overlay import draw_overlay
 from ..types import Request
-from .synthetic import Sample, box_contains, chance_accuracy, generate
+from ..synthetic import Sample, box_contains, chance_accuracy, generate
 
 __all__ = ["Method", "default_methods", "run_bench", "answer_matches"]
 

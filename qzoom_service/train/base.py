@@ -36,9 +36,10 @@ from ..config import TOKEN_PIXELS
 from ..errors import InvalidInput
 from ..preprocess import MERGE, preresize
 from ..rpn import cell_box_to_original, original_to_cell_box
+from ..synthetic import stable_seed
 from ..zoom import encode_crop, splice_roi
 from .checkpoint import atomic_dir
-from .loop import TrainConfig, _stable_seed, fit, plan_batches, plan_digest
+from .loop import TrainConfig, fit, plan_batches, plan_digest
 
 __all__ = ["BaseExample", "BoxLocator", "make_example", "batch_loss", "train_base", "save_base"]
 
@@ -198,7 +199,7 @@ def _worker_init(example_for) -> None:
 
 def _build(example_for, batch, seed: int) -> list[BaseExample]:
     """The examples of `batch`; each index gets its own seeded stream, so where it is built does not matter."""
-    return [example_for(i, random.Random(_stable_seed(seed, "example", i))) for i in batch]
+    return [example_for(i, random.Random(stable_seed(seed, "example", i))) for i in batch]
 
 
 def _build_batch(args) -> list[BaseExample]:
@@ -255,7 +256,8 @@ class _Examples:
 
 def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample], config: TrainConfig, *,
                pool: int, out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
-               callback=None, workers: int = 0, locator: BoxLocator | None = None) -> list:
+               callback=None, workers: int = 0, locator: BoxLocator | None = None,
+               stop_at: int | None = None) -> list:
     """Train every parameter of `loaded.model` (branches excluded) on examples 0..pool-1.
 
     With `locator`, its auxiliary loss joins the answer loss on examples that carry `target_cells`; the
@@ -263,8 +265,9 @@ def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample],
 
     `example_for(index, rng)` builds example `index`; `rng` is seeded from (config.seed, index), so the
     choice of budget, route or jitter it makes is reproducible. `workers` > 0 builds examples ahead in
-    that many forked processes. `callback(step, loss, exact_match)` runs after each step. Returns
-    [(step, loss)] of this call.
+    that many forked processes. `callback(step, loss, exact_match)` runs after each step. `stop_at` ends
+    the run (with a checkpoint, when `out_dir` and `config.save_every` are set) after that many of the
+    plan's `config.steps`, keeping their learning-rate schedule. Returns [(step, loss)] of this call.
     """
     if pool < 1:
         raise InvalidInput("the base-model training pool is empty")
@@ -300,7 +303,7 @@ def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample],
         out.mkdir(parents=True, exist_ok=True)
     try:
         _, losses = fit(trunk, batches, step, config, settings, model.device, out_dir=out, resume=resume,
-                        progress=progress, callback=report)
+                        progress=progress, callback=report, stop_at=stop_at)
     finally:
         examples.close()
         model.eval()

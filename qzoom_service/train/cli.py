@@ -1,10 +1,11 @@
-"""`qzoom train rpn-labels | rpn | gate-labels | gate`: the training pipeline from the command line.
+"""`qzoom train rpn-labels | rpn | calibrate-roi | gate-labels | gate`: the training pipeline from the command line.
 
 Mounted under the main `qzoom` parser by `add_train_subcommands(subparsers)`; each leaf sets
 `func(args) -> int` like the other `qzoom` commands.
 
     qzoom train rpn-labels --model M --data data.jsonl --out labels/      # stage-1 teacher maps
     qzoom train rpn --model M --data labels/ --out runs/rpn               # -> runs/rpn/model
+    qzoom train calibrate-roi --model runs/rpn/model --data held_out.jsonl --write-config  # its RoI threshold
     qzoom train gate-labels --model runs/rpn/model --data data.jsonl --out ladders/ --resolutions 64 128 256 576
     qzoom train gate --model runs/rpn/model --data ladders/ --out runs/gate  # -> runs/gate/model
 """
@@ -14,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
-from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InvalidInput
@@ -61,7 +60,11 @@ def add_train_subcommands(subparsers) -> argparse.ArgumentParser:
     train = subparsers.add_parser("train", help="train the SD-RPN (stage 1) and gate (stage 3) branches")
     sub = train.add_subparsers(dest="train_command", required=True)
 
-    labels = sub.add_parser("rpn-labels", help="stage 1: the model's own answer-to-image attention maps")
+    labels = sub.add_parser("rpn-labels", help="stage 1: the model's own answer-to-image attention maps",
+                            description="Stage 1 teacher maps. When the data's rows carry `target_box`, the "
+                                        "report also says how well the teacher localises (`teacher`: the share of "
+                                        "attention peaks, and of tri-state foregrounds, on the box's grid cells, "
+                                        "and the chance rate).")
     _common(labels, "JSONL dataset (image, question, answer)")
     labels.add_argument("--heads", help="grounding heads 'layer:h,h;layer:h' (default: paper table or heuristic)")
     labels.add_argument("--sink-heads", help="sink heads, same syntax (default: paper table or none)")
@@ -92,6 +95,32 @@ def add_train_subcommands(subparsers) -> argparse.ArgumentParser:
     _optim(rpn)
     rpn.set_defaults(func=cmd_rpn)
 
+    calibrate = sub.add_parser(
+        "calibrate-roi", help="after stage 1: choose the RoI threshold on held-out boxes",
+        description="Route every held-out question through the SD-RPN with the zoom forced and, for each "
+                    "threshold, count the questions whose RoI box contains the row's `target_box`. The chosen "
+                    "threshold is the highest (tightest boxes) whose hit rate is within --tolerance of the best. "
+                    "Prints the table and a JSON line; --out keeps them, --write-config makes the threshold "
+                    "the checkpoint's serving default (`roi_thresh` in MODEL/config.json).")
+    calibrate.add_argument("--model", required=True, help="checkpoint directory with a trained SD-RPN")
+    calibrate.add_argument("--data", required=True,
+                           help="held-out JSONL dataset; every row needs target_box [x1, y1, x2, y2] (pixels)")
+    calibrate.add_argument("--token-budget", type=int,
+                           help="coarse image tokens (min = max); default: the checkpoint's coarse budget")
+    calibrate.add_argument("--thresholds", type=float, nargs="+",
+                           help="RoI thresholds to try (default: train.calibrate.ROI_THRESHOLDS, 0.05 to 0.5)")
+    calibrate.add_argument("--tolerance", type=float, default=0.02,
+                           help="how far below the best hit rate (a fraction) a threshold may score and still be "
+                                "chosen for its tighter boxes (default 0.02)")
+    calibrate.add_argument("--out", help="write {roi_threshold, table} as JSON to this file")
+    calibrate.add_argument("--write-config", action="store_true",
+                           help="set the chosen threshold as roi_thresh in MODEL/config.json (a local directory)")
+    calibrate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    calibrate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    calibrate.add_argument("--limit", type=int, help="use only the first N records")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
+    calibrate.set_defaults(func=cmd_calibrate_roi)
+
     ladders = sub.add_parser("gate-labels", help="stage 3: answers across an ascending resolution ladder")
     _common(ladders, "JSONL dataset (image, question, answer = ground truth)")
     ladders.add_argument("--resolutions", type=int, nargs="+", required=True,
@@ -108,7 +137,9 @@ def add_train_subcommands(subparsers) -> argparse.ArgumentParser:
     gate.add_argument("--easy-ratio", type=float, default=1.0, help="easy samples kept per hard sample")
     gate.add_argument("--p-pos", type=float, default=0.9, help="hard samples: probability of a positive draw")
     gate.add_argument("--max-samples", type=int, help="keep this many after a seeded shuffle")
-    gate.add_argument("--gate-threshold", type=float, help="high_res_thresh written to config.json")
+    gate.add_argument("--gate-threshold", type=float,
+                      help="high_res_thresh written to config.json (default: from the held-out table, the middle "
+                           "of the thresholds tied at the best accuracy; with --holdout 0, the checkpoint's or 0.1)")
     gate.add_argument("--holdout", type=float, default=0.1,
                       help="fraction of the filtered pool held out for the precision/recall table (0 = none)")
     _optim(gate)
@@ -144,6 +175,7 @@ def _report(result) -> None:
 
 
 def cmd_rpn_labels(args) -> int:
+    from .calibrate import target_boxes, teacher_hit_rate
     from .rpn_labels import HeadSet, default_heads, make_pseudo_labels, parse_heads, save_pseudo_labels
 
     loaded = _load(args)
@@ -155,12 +187,17 @@ def cmd_rpn_labels(args) -> int:
                         parse_heads(args.sink_heads, n, h) if args.sink_heads is not None else heads.sink)
     if not heads.grounding:
         raise InvalidInput("--heads selects no grounding head")
-    labels = make_pseudo_labels(loaded, _records(args, loaded.processor.tokenizer), heads=heads, mode=args.mode,
+    records = _records(args, loaded.processor.tokenizer)
+    labels = make_pseudo_labels(loaded, records, heads=heads, mode=args.mode,
                                 short_prompt=not args.no_short_prompt, token_budget=args.token_budget,
                                 pad_square=not args.no_square_pad, max_new_tokens=args.max_new_tokens,
                                 answer_source=args.answer_source, progress=not args.quiet)
     out = save_pseudo_labels(labels, args.out)
-    print(json.dumps({"labels": str(out), "samples": len(labels.samples), "dropped": labels.dropped}))
+    report = {"labels": str(out), "samples": len(labels.samples), "dropped": labels.dropped}
+    boxes = target_boxes(records)
+    if boxes:
+        report["teacher"] = teacher_hit_rate(labels, boxes)
+    print(json.dumps(report))
     return 0
 
 
@@ -188,6 +225,32 @@ def cmd_rpn(args) -> int:
     return 0
 
 
+def cmd_calibrate_roi(args) -> int:
+    from ..config import TOKEN_PIXELS
+    from ..engine import QZoomEngine
+    from .calibrate import (ROI_THRESHOLDS, boxed_questions, calibrate_roi_threshold, roi_table_text,
+                            write_serving_thresholds)
+
+    if args.write_config and not (Path(args.model) / "config.json").is_file():
+        raise InvalidInput(f"--write-config needs a local checkpoint directory; {args.model} has no config.json")
+    records = _records(args, tokenizer=None)
+    questions = boxed_questions(records)  # every box checked before the model loads
+    pixels = args.token_budget * TOKEN_PIXELS if args.token_budget is not None else None
+    engine = QZoomEngine(_load(args))
+    chosen, table = calibrate_roi_threshold(engine, questions, thresholds=args.thresholds or ROI_THRESHOLDS,
+                                            tolerance=args.tolerance, min_pixels=pixels, max_pixels=pixels,
+                                            progress=not args.quiet)
+    print(roi_table_text(table))
+    result = {"roi_threshold": chosen, "table": table}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.write_config:
+        write_serving_thresholds(args.model, roi_threshold=chosen)
+    print(json.dumps({"model": args.model, "samples": len(records), "written": args.write_config, **result}))
+    return 0
+
+
 def cmd_gate_labels(args) -> int:
     from .gate_labels import make_answer_ladders, save_ladders
 
@@ -202,6 +265,7 @@ def cmd_gate_labels(args) -> int:
 
 
 def cmd_gate(args) -> int:
+    from .calibrate import choose_gate_threshold, gate_table_text, write_serving_thresholds
     from .gate_labels import GateDataset, load_ladders
     from .train_heads import gate_calibration, train_gate
 
@@ -212,7 +276,7 @@ def cmd_gate(args) -> int:
         ladders.ladders = ladders.ladders[: args.limit]
     dataset = GateDataset.from_ladders(ladders, seed=args.seed, easy_ratio=args.easy_ratio,
                                        max_samples=args.max_samples, p_pos=args.p_pos)
-    dataset, holdout = split_holdout(dataset, args.holdout)
+    dataset, holdout = dataset.split(args.holdout)
     log.info("gate pool: %s; %d held out", dataset.stats, len(holdout.items))
     loaded = _load(args)
     result = train_gate(loaded, dataset, _config(args), K=args.K, T=args.T,
@@ -221,23 +285,11 @@ def cmd_gate(args) -> int:
     if holdout.items:
         table = gate_calibration(loaded, holdout.draw(0), result.branches, dataset.prompt_suffix)
         (Path(args.out) / "calibration.json").write_text(json.dumps(table, indent=1))
-        print_calibration(table)
+        print(gate_table_text(table))
+        if args.gate_threshold is None and any(row["accuracy"] is not None for row in table):
+            chosen = choose_gate_threshold(table)
+            write_serving_thresholds(result.model_dir, gate_threshold=chosen)
+            print(f"gate threshold {chosen} (middle of the thresholds tied at the best held-out accuracy), "
+                  f"written to {result.model_dir / 'config.json'}")
     _report(result)
     return 0
-
-
-def split_holdout(dataset, fraction: float):
-    """(train, held-out) GateDatasets: a seeded `fraction` of the filtered pool is held out."""
-    items = list(dataset.items)
-    random.Random(dataset.seed).shuffle(items)
-    n = int(round(fraction * len(items)))
-    return replace(dataset, items=items[n:]), replace(dataset, items=items[:n])
-
-
-def print_calibration(table: list[dict]) -> None:
-    """The precision/recall table of `gate_calibration`, one threshold per line."""
-    fmt = lambda v: "  -  " if v is None else f"{v:5.2f}"  # noqa: E731
-    print("threshold  precision  recall  zoom_rate  accuracy")
-    for row in table:
-        print(f"{row['threshold']:9.2f}  {fmt(row['precision']):>9}  {fmt(row['recall']):>6}  "
-              f"{fmt(row['zoom_rate']):>9}  {fmt(row['accuracy']):>8}")

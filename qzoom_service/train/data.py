@@ -2,7 +2,7 @@
 
 One JSON object per line with string keys `image` (path relative to the JSONL file, or absolute),
 `question` and `answer`; every other key is kept in `Record.extra` (e.g. `target_box`, `kind`, `mode`,
-`id`). This is the layout `qzoom_service.bench.synthetic.write_dataset` writes. Blank lines are skipped.
+`id`). This is the layout `qzoom_service.synthetic.write_dataset` writes. Blank lines are skipped.
 Any bad row raises `InvalidInput` naming the file and the 1-based line number, before any model work.
 """
 

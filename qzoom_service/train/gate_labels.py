@@ -14,18 +14,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..config import TOKEN_PIXELS, EngineConfig, RequestOptions
 from ..errors import InvalidInput
+from ..synthetic import stable_seed
 from ..types import Request
 from .checkpoint import atomic_dir
 from .data import Record, open_image
@@ -109,10 +109,6 @@ def draw_label(ladder: Ladder, rng: random.Random, *, p_pos: float = 0.9, top_gr
     return rng.choice(right), 0
 
 
-def _stable_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(",".join(map(str, parts)).encode()).digest()[:8], "big")
-
-
 @dataclass
 class GateDataset:
     """The filtered stage-3 pool; `draw(epoch)` re-draws every label (seeded by seed, epoch, index)."""
@@ -147,11 +143,21 @@ class GateDataset:
         """[(ladder, resolution in tokens, label 0/1)] for one epoch; ignored draws are left out."""
         out = []
         for idx, ladder in enumerate(self.items):
-            i, y = draw_label(ladder, random.Random(_stable_seed(self.seed, epoch, idx)), p_pos=self.p_pos,
+            i, y = draw_label(ladder, random.Random(stable_seed(self.seed, epoch, idx)), p_pos=self.p_pos,
                               top_group=self.top_group)
             if y != IGNORE:
                 out.append((ladder, ladder.res[i], y))
         return out
+
+    def split(self, fraction: float) -> tuple["GateDataset", "GateDataset"]:
+        """(train, held out): a `fraction` of the filtered pool, chosen by a shuffle seeded with `seed`, is
+        held out (for `train_heads.gate_calibration`)."""
+        if not 0.0 <= fraction < 1.0:
+            raise InvalidInput(f"the held-out fraction must be in [0, 1); got {fraction}")
+        items = list(self.items)
+        random.Random(self.seed).shuffle(items)
+        n = int(round(fraction * len(items)))
+        return replace(self, items=items[n:]), replace(self, items=items[:n])
 
 
 def check_resolutions(resolutions, top_group: int = 2) -> tuple[int, ...]:

@@ -4,11 +4,12 @@ Reference §2 / §3.4 hyper-parameters are the `TrainConfig` defaults: AdamW lr 
 (the scripts' HF default; the README says 0.98 — UNKNOWN which the paper used), weight decay 0, linear
 warm-up over 3 % of the steps then cosine to 0, max grad norm 1.0, effective batch 128, 1 epoch.
 
-A step processes its batch one sample at a time and accumulates gradients, each sample's loss already
-divided by the batch's normaliser, so the gradient equals that of the reference's pooled batch loss
-without padding sequences of different lengths. The whole batch plan (every epoch's order and, for the
-gate, every drawn label) is fixed up front from the seed, so a resumed run replays exactly the batches
-an uninterrupted run would see.
+`fit` leaves the forward passes to the stage's step function. The branch stages (`train_heads.py`) run
+their batch one sample at a time and accumulate gradients, each sample's loss already divided by the
+batch's normaliser, so the gradient equals that of the reference's pooled batch loss without padding
+sequences of different lengths; the base model (`base.py`) runs one right-padded forward per batch.
+The whole batch plan (every epoch's order and, for the gate, every drawn label) is fixed up front from
+the seed, so a resumed run replays exactly the batches an uninterrupted run would see.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError, InvalidInput
+from ..synthetic import stable_seed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "TrainResult", "plan_batches", "plan_digest", "lr_factor", "fit"]
@@ -75,10 +77,6 @@ class TrainResult:
     model_dir: Path | None = None  # the released-layout checkpoint, when an output directory was given
 
 
-def _stable_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(",".join(map(str, parts)).encode()).digest()[:8], "big")
-
-
 def plan_batches(epoch_items: Callable[[int], list], batch_size: int, epochs: int, steps: int | None,
                  seed: int) -> list[list]:
     """Every optimizer step's batch: each epoch's items in a seeded order, cut into batches (the last
@@ -89,7 +87,7 @@ def plan_batches(epoch_items: Callable[[int], list], batch_size: int, epochs: in
         if not items:
             raise InvalidInput(f"epoch {epoch} has no training items (every sample filtered out or ignored)")
         order = list(range(len(items)))
-        random.Random(_stable_seed(seed, "order", epoch)).shuffle(order)
+        random.Random(stable_seed(seed, "order", epoch)).shuffle(order)
         for i in range(0, len(order), batch_size):
             batches.append([items[j] for j in order[i : i + batch_size]])
             if steps is not None and len(batches) == steps:
@@ -116,10 +114,18 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 
 def fit(trainable: torch.nn.Module, batches: list[list], step_fn: Callable[[list], float | None],
         config: TrainConfig, settings: dict, device: torch.device, *, out_dir: Path | None = None,
-        resume: bool = False, progress: bool = False, callback: Callable | None = None) -> tuple[int, list]:
+        resume: bool = False, progress: bool = False, callback: Callable | None = None,
+        stop_at: int | None = None) -> tuple[int, list]:
     """Run optimizer steps over `batches`. step_fn(batch) does the forward passes and `backward()` and
     returns the pooled loss (None when the batch has nothing to learn: no update). Returns
-    (start step, [(step, loss)]). `callback(step, loss)` runs after each step (1-based step count)."""
+    (start step, [(step, loss)]). `callback(step, loss)` runs after each step (1-based step count).
+
+    `stop_at` ends the run after that many steps (counted from the start of the plan, not of this call)
+    and checkpoints there; the schedule stays the one of all `batches`, so a later resume without it
+    continues the same run."""
+    end = len(batches) if stop_at is None else stop_at
+    if not 1 <= end <= len(batches):
+        raise InvalidInput(f"stop_at must be between 1 and the plan's {len(batches)} steps; got {stop_at}")
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay)
@@ -145,7 +151,7 @@ def fit(trainable: torch.nn.Module, batches: list[list], step_fn: Callable[[list
     losses = []
     metrics = (out_dir / "metrics.jsonl").open("a" if start else "w") if out_dir is not None else None
     try:
-        for step in tqdm(range(start, len(batches)), initial=start, total=len(batches), disable=not progress,
+        for step in tqdm(range(start, end), initial=start, total=len(batches), disable=not progress,
                          desc=f"train {settings.get('role', '')}"):
             lr = config.lr * lr_factor(step, len(batches), config.warmup)
             for group in optimizer.param_groups:
@@ -161,7 +167,7 @@ def fit(trainable: torch.nn.Module, batches: list[list], step_fn: Callable[[list
                 metrics.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr}) + "\n")
                 metrics.flush()
             done = step + 1
-            if root is not None and config.save_every and (done % config.save_every == 0 or done == len(batches)):
+            if root is not None and config.save_every and (done % config.save_every == 0 or done == end):
                 save_checkpoint(root, done, trainable.state_dict(), optimizer, settings, device,
                                 keep=config.keep_checkpoints)
             if callback is not None:

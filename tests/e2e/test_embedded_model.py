@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from qzoom_service.bench.synthetic import ANSWER_VOCAB, box_contains, make_sample
+from qzoom_service.synthetic import ANSWER_VOCAB, box_contains, make_sample
 from qzoom_service.config import TOKEN_PIXELS, EngineConfig, RequestOptions
 from qzoom_service.engine import QZoomEngine
 from qzoom_service.model import EMBEDDED_MODEL_DIR, load_for_config

@@ -46,7 +46,7 @@ def test_ask_and_zoom_against_qzoom_serve(served, tmp_path):
 
 
 def test_the_embedded_model_answers_through_the_service(served, tmp_path):
-    from qzoom_service.bench.synthetic import make_sample
+    from qzoom_service.synthetic import make_sample
 
     sample = make_sample("hr", 4242, 0, fine_fraction=0.0)  # held out: training used seed 7 and neighbours
     image = tmp_path / "scene.png"

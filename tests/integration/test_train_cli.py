@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
 
-from qzoom_service.bench.synthetic import generate, write_dataset
+from qzoom_service.synthetic import generate, write_dataset
 from qzoom_service.model import load_model
 from qzoom_service.cli import main
 from qzoom_service.train.gate_labels import LadderSet, load_ladders, save_ladders
@@ -29,6 +30,9 @@ def test_the_four_commands_chain_into_a_loadable_checkpoint(tiny_checkpoint, dat
     code, info, _ = _run(capsys, "rpn-labels", "--model", tiny_checkpoint, "--data", data, "--out", tmp_path / "lab",
                          "--token-budget", 36, "--max-new-tokens", 4, "--heads", "3:0,1", "--sink-heads", "1:2")
     assert code == 0 and info["samples"] + sum(info["dropped"].values()) == 4
+    teacher = info["teacher"]  # the synthetic rows carry target_box: the teacher's localisation is measured
+    assert teacher["samples"] == info["samples"] and teacher["usable"] <= teacher["samples"]
+    assert all(0.0 <= teacher[k] <= 1.0 for k in ("peak_hit_rate", "fg_hit_rate", "chance")) and teacher["chance"] > 0
 
     # The random tiny model does not localise: accept every box and any peak so some cells are labelled.
     code, info, _ = _run(capsys, "rpn", "--model", tiny_checkpoint, "--data", tmp_path / "lab", "--out",
@@ -56,6 +60,40 @@ def test_the_four_commands_chain_into_a_loadable_checkpoint(tiny_checkpoint, dat
     assert code == 0 and info["role"] == "gate"
     final = load_model(info["model"])
     assert final.branches.has_twig and final.branches.has_gate and final.default_gate_threshold == pytest.approx(0.2)
+
+    # Without --gate-threshold the held-out table chooses it: the middle of the thresholds tied at the best.
+    code = main(["train", "gate", "--model", str(stage1), "--data", str(tmp_path / "lad2"), "--out",
+                 str(tmp_path / "gate2"), "--steps", "1", "--batch-size", "4", "--holdout", "0.25", "--quiet"])
+    assert code == 0 and "gate threshold" in capsys.readouterr().out
+    table = json.loads((tmp_path / "gate2" / "calibration.json").read_text())
+    best = max(r["accuracy"] for r in table)
+    tied = [r["threshold"] for r in table if r["accuracy"] == best]
+    assert load_model(str(tmp_path / "gate2" / "model")).default_gate_threshold == pytest.approx(
+        sorted(tied)[(len(tied) - 1) // 2])
+
+
+def test_calibrate_roi_chooses_and_writes_the_tightest_threshold_near_the_best(tiny_checkpoint, data, tmp_path,
+                                                                               capsys):
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    code, info, _ = _run(capsys, "calibrate-roi", "--model", model, "--data", data, "--token-budget", 36,
+                         "--thresholds", 0.05, 0.2, 0.5, 0.9, "--out", tmp_path / "roi.json", "--write-config")
+    assert code == 0 and info["samples"] == 4 and info["written"] is True
+    table = info["table"]
+    assert [r["threshold"] for r in table] == [0.05, 0.2, 0.5, 0.9]
+    best = max(r["hit_rate"] for r in table)
+    assert info["roi_threshold"] == max(r["threshold"] for r in table if r["hit_rate"] >= best - 0.02)
+    assert json.loads((tmp_path / "roi.json").read_text()) == {"roi_threshold": info["roi_threshold"], "table": table}
+    assert load_model(str(model)).default_roi_threshold == pytest.approx(info["roi_threshold"])
+
+
+def test_calibrate_roi_refuses_a_row_without_a_box_before_loading(tiny_checkpoint, data, tmp_path, capsys):
+    rows = data.read_text().splitlines()
+    rows[1] = json.dumps({k: v for k, v in json.loads(rows[1]).items() if k != "target_box"})
+    bad = tmp_path / "no_box.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    (tmp_path / "images").symlink_to(data.parent / "images")
+    code, _, err = _run(capsys, "calibrate-roi", "--model", tiny_checkpoint, "--data", bad)
+    assert code == 2 and f"{bad}: row 2: 'target_box'" in err
 
 
 def test_rpn_on_box_labels_and_resume(tiny_checkpoint, data, tmp_path, capsys):

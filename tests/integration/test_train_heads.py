@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qzoom_service.bench.synthetic import generate, write_dataset
+from qzoom_service.synthetic import generate, write_dataset
 from qzoom_service.coarse import causal_mask
 from qzoom_service.config import EngineConfig, RequestOptions
 from qzoom_service.engine import QZoomEngine
@@ -306,10 +306,8 @@ def _gate_score_logit(loaded, item):
 
 
 def test_holdout_split_is_seeded_and_disjoint(gate_data):
-    from qzoom_service.train.cli import split_holdout
-
-    train, held = split_holdout(gate_data, 0.5)
-    again_train, again_held = split_holdout(gate_data, 0.5)
+    train, held = gate_data.split(0.5)
+    again_train, again_held = gate_data.split(0.5)
     assert [l.uid for l in held.items] == [l.uid for l in again_held.items]
     assert len(held.items) == 2 and len(train.items) == len(gate_data.items) - 2
     assert not {l.uid for l in held.items} & {l.uid for l in train.items}

@@ -8,7 +8,7 @@ import sys
 from types import SimpleNamespace
 
 from qzoom_service.bench.runner import answer_matches, default_methods, run_bench
-from qzoom_service.bench.synthetic import generate
+from qzoom_service.synthetic import generate
 from qzoom_service.types import Result
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from qzoom_service.bench.synthetic import make_sample
+from qzoom_service.synthetic import make_sample
 from qzoom_service.coarse import encode_images, prefill_to_k
 from qzoom_service.config import RequestOptions, TOKEN_PIXELS
 from qzoom_service.model import load_model
@@ -16,7 +16,7 @@ from qzoom_service.rpn import cell_box_to_original, original_to_cell_box
 from qzoom_service.tiny import build_tiny
 from qzoom_service.train.base import (BoxLocator, _sequence, _vision, batch_loss, drop_branch_keys, make_example,
                                       save_base, train_base)
-from qzoom_service.train.loop import TrainConfig
+from qzoom_service.train.loop import TrainConfig, lr_factor
 from qzoom_service.types import Prepared
 from qzoom_service.zoom import build_zoom_input
 
@@ -111,6 +111,21 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(samples, tmp_path):
     assert seen == list(range(1, 9)) and len(losses) == 8
     assert float(after) < 0.7 * float(before)
     assert not any(p.requires_grad for p in model.parameters())  # left frozen for the stages that follow
+
+
+def test_stop_at_ends_base_training_with_a_checkpoint_on_the_full_schedule(samples, tmp_path):
+    loaded = _loaded_tiny(7)
+    fine, coarse = samples
+    fixed = [make_example(loaded.processor, fine.image, fine.question, fine.answer, BUDGET, fine.target_box),
+             make_example(loaded.processor, coarse.image, coarse.question, coarse.answer, BUDGET)]
+    config = TrainConfig(lr=3e-3, batch_size=2, steps=8, warmup=0.25, save_every=100)
+    seen = []
+    losses = train_base(loaded, lambda i, rng: fixed[i], config, pool=2, out_dir=tmp_path / "run", stop_at=3,
+                        callback=lambda step, loss, exact: seen.append(step))
+    assert seen == [1, 2, 3] and len(losses) == 3
+    assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "state.json").is_file()
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([3e-3 * lr_factor(s, 8, 0.25) for s in range(3)])
 
 
 def test_locate_box_marks_exactly_the_cells_the_target_touches(tiny, samples):

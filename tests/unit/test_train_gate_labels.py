@@ -98,6 +98,21 @@ def test_dataset_balances_easy_to_hard_and_redraws_per_epoch_deterministically()
     assert GateDataset.from_ladders(easy, seed=0).items == []  # no hard sample -> no easy one either
 
 
+def test_split_holds_out_a_seeded_fraction_and_keeps_the_rest():
+    pool = [ladder(["blue", "red", "red", "red", "red"], uid=f"h{i}") for i in range(10)]
+    ds = GateDataset.from_ladders(pool, seed=4, p_pos=0.7)
+    train, held = ds.split(0.25)
+    assert len(held.items) == 2 and len(train.items) == 8  # round(0.25 x 10) = 2 (half to even)
+    assert sorted(x.uid for x in train.items + held.items) == sorted(x.uid for x in ds.items)
+    assert held.p_pos == train.p_pos == 0.7 and held.seed == 4
+    again, other = ds.split(0.25)[1], GateDataset.from_ladders(pool, seed=5).split(0.25)[1]
+    assert [x.uid for x in again.items] == [x.uid for x in held.items]
+    assert len({tuple(x.uid for x in d.items) for d in (held, other)}) == 2  # another seed, another draw
+    assert ds.split(0.0)[1].items == []
+    with pytest.raises(InvalidInput, match="held-out fraction"):
+        ds.split(1.0)
+
+
 def test_resolutions_must_be_explicit_and_ascending():
     assert check_resolutions([64, 128, 256]) == (64, 128, 256)
     for bad in ([64, 128], [128, 64, 256], [64, 64, 256], [0, 64, 128]):

@@ -1,24 +1,26 @@
 """The recipe of the embedded model `qzoom_service/assets/qzoom-synth-tiny`, rerunnable end to end on a CPU.
 
-    .venv/bin/python benchmarks/train_embedded_model.py --work runs/embedded            # every stage
-    .venv/bin/python benchmarks/train_embedded_model.py --work runs/embedded --stage rpn  # one stage
+    .venv/bin/python recipes/train_embedded_model.py --work runs/embedded            # every stage
+    .venv/bin/python recipes/train_embedded_model.py --work runs/embedded --stage rpn  # one stage
 
 Stages (each resumable or skipped when its output exists; outputs under --work):
 
 1. `base`: a tiny Qwen2.5-VL built from a config (`tiny.build_tiny`, no downloaded weight) trained from
-   scratch on the synthetic task (`bench/synthetic.py`, seed 7): coarse questions on the coarse view, fine
-   questions on fused coarse + zoom sequences whose RoI covers the target's grid cells
+   scratch on the synthetic task (`qzoom_service/synthetic.py`, seed 7): coarse questions on the coarse
+   view, fine questions on fused coarse + zoom sequences whose RoI covers the target's grid cells
    (`train/base.py`). Phases A (glyphs) and B (shape marks) taught it the coarse colours; phase C teaches
    the dots; phase D (`BoxLocator` loss) makes h_K mark the dot's box; phase E loosens the RoIs to the
    SD-RPN's box sizes. `--base-init DIR` runs phases C-E on DIR's trunk instead of A and B. -> base/model
 2. `rpn` (stage 1): the self-distillation teacher is measured first: pseudo labels from the trained base
    model's own answer-to-image attention (`train/rpn_labels.py`), scored by whether their foreground
-   holds the target. If they localise (hit rate >= --min-teacher-hit), the twig branch trains on them;
-   otherwise on ground-truth-box labels (documented in the model card). -> rpn/model
+   holds the target (`train/calibrate.teacher_hit_rate`). If they localise (hit rate >= --min-teacher-hit),
+   the twig branch trains on them; otherwise on ground-truth-box labels (documented in the model card).
+   -> rpn/model
 3. `gate` (stage 3): answer ladders, the consistency filter and the gate branch (`train/gate_labels.py`).
    The top rungs of the ladder are answered through the zoom route (OUR deviation, see
    `make_answer_ladders(zoom_top=...)`): this model reads fine detail only through the zoom. -> gate/model
-4. `export`: the serving defaults (coarse budget, RoI threshold) and the model card are written and the
+4. `export`: the serving defaults (coarse budget, RoI and gate thresholds, chosen by `train/calibrate.py` as
+   `qzoom train calibrate-roi` and `qzoom train gate` choose them) and the model card are written and the
    result is copied to --export (default the package's assets directory).
 
 The figures in the model card come from `qzoom bench` on held-out seeds (see the README "Training").
@@ -38,22 +40,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from qzoom_service.bench.synthetic import box_contains, generate, make_sample, write_dataset
-from qzoom_service.config import TOKEN_PIXELS, RequestOptions
+from qzoom_service.config import TOKEN_PIXELS
 from qzoom_service.engine import QZoomEngine
 from qzoom_service.heads import QZoomBranches
 from qzoom_service.model import EMBEDDED_MODEL_DIR, LoadedModel, load_model
-from qzoom_service.rpn import map_to_box, original_to_cell_box
+from qzoom_service.synthetic import generate, make_sample, write_dataset
 from qzoom_service.tiny import TinySpec, build_tiny
 from qzoom_service.train.base import BoxLocator, make_example, save_base, train_base
-from qzoom_service.train.cli import print_calibration, split_holdout
+from qzoom_service.train.calibrate import (ROI_THRESHOLDS, calibrate_roi_threshold, choose_gate_threshold,
+                                           gate_table_text, target_boxes, teacher_hit_rate)
 from qzoom_service.train.data import load_records
 from qzoom_service.train.gate_labels import GateDataset, load_ladders, make_answer_ladders, save_ladders
 from qzoom_service.train.loop import TrainConfig
-from qzoom_service.train.rpn_labels import (IGNORE, make_pseudo_labels, rpn_samples_from_boxes,
-                                            rpn_samples_from_pseudo, tri_state_labels)
+from qzoom_service.train.rpn_labels import make_pseudo_labels, rpn_samples_from_boxes, rpn_samples_from_pseudo
 from qzoom_service.train.train_heads import evaluate_rpn, gate_calibration, train_gate, train_rpn
-from qzoom_service.types import Request
 
 log = logging.getLogger("train_embedded_model")
 
@@ -103,10 +103,6 @@ class _BaseExampleFor:
     def __call__(self, index, rng):
         return base_example(self.processor, index, rng, self.targets, self.fine_fraction, self.zoomed, self.locate,
                             self.loose)
-
-
-class _StopAt(Exception):
-    """Raised by the progress callback to end the base run at --base-stop (its checkpoint is saved first)."""
 
 
 def stage_base(work: Path, args) -> Path:
@@ -172,8 +168,6 @@ def phases_a_b(work: Path, args) -> LoadedModel:
 def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, args, locator=None) -> None:
     """Train (or resume) to step `stop` of `config`, then load the trunk the checkpoint at `stop` holds
     (an early stop keeps the cosine schedule of config.steps). The locator, if any, is dropped after."""
-    if stop % config.save_every and stop != config.steps:
-        raise SystemExit(f"stop step {stop} must be a multiple of {config.save_every}")
     at_stop = out / "checkpoints" / f"step-{stop:08d}"
     if not (at_stop / "state.json").is_file():
         start, window = time.time(), []
@@ -185,14 +179,11 @@ def run_phase(loaded, out: Path, config: TrainConfig, stop: int, example_for, ar
                     locator.last.get("loss", float("nan")), locator.last.get("peak_hit", float("nan")))
                 log.info("%s step %d/%d loss %.3f exact-match(last 25) %.2f%s  %.0fs", out.name, step,
                          config.steps, loss, sum(window[-25:]) / len(window[-25:]), located, time.time() - start)
-            if step == stop:
-                raise _StopAt
 
-        try:
-            train_base(loaded, example_for, config, pool=config.steps * config.batch_size, out_dir=out,
-                       resume=(out / "checkpoints").is_dir(), progress=False, callback=progress,
-                       workers=args.workers, locator=locator)
-        except _StopAt:
+        train_base(loaded, example_for, config, pool=config.steps * config.batch_size, out_dir=out,
+                   resume=(out / "checkpoints").is_dir(), progress=False, callback=progress,
+                   workers=args.workers, locator=locator, stop_at=stop)
+        if stop < config.steps:
             log.info("%s: stopped at step %d of %d", out.name, stop, config.steps)
     state = load_file(str(at_stop / "state.safetensors"))
     trunk = {k[len("branch."):]: v for k, v in state.items() if k.startswith("branch.")}
@@ -211,28 +202,6 @@ def synthetic_records(work: Path, name: str, n: int, fine_fraction: float, token
     return load_records(jsonl, tokenizer=tokenizer)
 
 
-def teacher_hit_rate(pseudo, records) -> dict:
-    """How well the stage-1 teacher localises: the share of samples whose attention peak, and whose
-    tri-state foreground, falls on a grid cell the target box touches."""
-    boxes = {r.uid: r.extra["target_box"] for r in records}
-    peak_hits = fg_hits = usable = 0
-    chance = 0.0  # a uniformly random peak lands on the target's cells with probability (its cells / all)
-    for s in pseudo.samples:
-        hw = tuple(s.grounding.shape)
-        x0, y0, x1, y1 = original_to_cell_box(boxes[s.uid], hw, s.original_size)
-        target = torch.zeros(hw, dtype=torch.bool)
-        target[y0:y1, x0:x1] = True
-        chance += float(target.float().mean())
-        peak_hits += bool(target.flatten()[int(s.grounding.flatten().argmax())])
-        labels = tri_state_labels(s.grounding, s.sink, s.original_size, square_padded=False)
-        if bool((labels != IGNORE).any()):
-            usable += 1
-            fg_hits += bool((target & (labels == 1)).any())
-    n = max(1, len(pseudo.samples))
-    return {"samples": len(pseudo.samples), "peak_hit_rate": peak_hits / n, "usable": usable,
-            "fg_hit_rate": fg_hits / max(1, usable), "chance": chance / n}
-
-
 def stage_rpn(work: Path, args) -> Path:
     final = work / "rpn" / "model"
     if (final / "config.json").is_file():
@@ -243,7 +212,7 @@ def stage_rpn(work: Path, args) -> Path:
     fine = [r for r in records if r.extra.get("kind") == "fine"]
     pseudo = make_pseudo_labels(base, fine[: args.teacher_samples], token_budget=COARSE_TOKENS, pad_square=False,
                                 max_new_tokens=12, progress=True)
-    teacher = teacher_hit_rate(pseudo, fine)
+    teacher = teacher_hit_rate(pseudo, target_boxes(fine))
     use_teacher = teacher["peak_hit_rate"] >= args.min_teacher_hit
     log.info("stage-1 teacher on %d fine samples: %s -> training on %s", len(pseudo.samples), teacher,
              "self-distilled pseudo labels" if use_teacher else "ground-truth boxes")
@@ -282,7 +251,7 @@ def stage_gate(work: Path, args) -> Path:
         save_ladders(make_answer_ladders(loaded, records, GATE_LADDER, max_new_tokens=12, zoom_top=2,
                                          progress=True), ladder_dir)
     dataset = GateDataset.from_ladders(load_ladders(ladder_dir), seed=args.seed)
-    dataset, holdout = split_holdout(dataset, 0.15)
+    dataset, holdout = dataset.split(0.15)
     log.info("gate pool %s, %d held out", dataset.stats, len(holdout.items))
     config = TrainConfig(lr=args.gate_lr, batch_size=16, steps=args.gate_steps, warmup=0.05, seed=args.seed,
                          save_every=50)
@@ -290,7 +259,7 @@ def stage_gate(work: Path, args) -> Path:
                         progress=True, gate_threshold=0.5)
     table = gate_calibration(loaded, holdout.draw(0), result.branches)
     (work / "gate" / "calibration.json").write_text(json.dumps({"pool": dataset.stats, "table": table}, indent=1))
-    print_calibration(table)
+    print(gate_table_text(table))
     return result.model_dir
 
 
@@ -303,29 +272,12 @@ def calibrate_roi(work: Path, args) -> float:
     cached = work / "rpn" / "roi_threshold.json"
     if cached.is_file():
         return json.loads(cached.read_text())["roi_threshold"]
-    loaded = load_model(str(work / "rpn" / "model"))
-    engine = QZoomEngine(loaded)
+    engine = QZoomEngine(load_model(str(work / "rpn" / "model")))
     budget = COARSE_TOKENS * TOKEN_PIXELS
-    options = RequestOptions(mode="zoom", min_pixels=budget, max_pixels=budget, roi_threshold=0.05)
-    maps, samples = [], 0
-    for split in ("hr", "doc"):
-        for s in generate(split, args.roi_calibration // 2, TRAIN_SEED + 200, fine_fraction=1.0):
-            samples += 1
-            plan = engine.route([Request(s.image, s.question, options)])[0]
-            if plan.roi_map is not None:  # None: nothing above even the lowest threshold (a miss at every one)
-                maps.append((torch.tensor(plan.roi_map), s))
-    rows = []
-    for t in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5):
-        hits, areas = 0, []
-        for prob, s in maps:
-            _, box = map_to_box(prob, t, s.image.size)
-            if box is not None:
-                hits += box_contains(box, s.target_box)
-                areas.append((box[2] - box[0]) * (box[3] - box[1]))
-        rows.append({"threshold": t, "hit_rate": hits / max(1, samples),
-                     "mean_box_side": (sum(areas) / len(areas)) ** 0.5 if areas else None})
-    best = max(r["hit_rate"] for r in rows)
-    chosen = max(r["threshold"] for r in rows if r["hit_rate"] >= best - 0.02)
+    held_out = (s for split in ("hr", "doc")
+                for s in generate(split, args.roi_calibration // 2, TRAIN_SEED + 200, fine_fraction=1.0))
+    chosen, rows = calibrate_roi_threshold(engine, held_out, thresholds=ROI_THRESHOLDS, tolerance=0.02,
+                                           min_pixels=budget, max_pixels=budget)
     cached.write_text(json.dumps({"roi_threshold": chosen, "table": rows}, indent=1))
     log.info("RoI threshold %.2f from %s", chosen, rows)
     return chosen
@@ -346,7 +298,7 @@ def stage_export(work: Path, args) -> Path:
     calibration = json.loads((work / "gate" / "calibration.json").read_text())
     cfg.update(coarse_min_pixels=COARSE_TOKENS * TOKEN_PIXELS, coarse_max_pixels=COARSE_TOKENS * TOKEN_PIXELS,
                roi_thresh=json.loads((work / "rpn" / "roi_threshold.json").read_text())["roi_threshold"],
-               high_res_thresh=pick_gate_threshold(calibration["table"]))
+               high_res_thresh=choose_gate_threshold(calibration["table"]))
     (staged / "config.json").write_text(json.dumps(cfg, indent=2))
     engine = QZoomEngine(load_model(str(staged)))
     methods = default_methods(coarse_tokens=(COARSE_TOKENS,))
@@ -374,15 +326,6 @@ def stage_card(work: Path, args) -> Path:
     return args.export
 
 
-def pick_gate_threshold(table: list[dict]) -> float:
-    """The held-out threshold with the best accuracy; on ties the middle of the tied ones (a small held-out
-    set ties over a wide range, and its lowest end opens the gate for almost everything)."""
-    rows = [r for r in table if r["accuracy"] is not None]
-    best = max(r["accuracy"] for r in rows)
-    tied = sorted(r["threshold"] for r in rows if r["accuracy"] == best)
-    return tied[(len(tied) - 1) // 2]
-
-
 def _bench_table(report: dict) -> str:
     lines = ["| method | fine acc. | coarse acc. | visual tokens | latency ms | gate skip (coarse) | RoI hit (fine) |",
              "|---|---|---|---|---|---|---|"]
@@ -401,8 +344,8 @@ def model_card(cfg, rpn_report, roi, calibration, bench, args) -> str:
 
 The embedded default model of qzoom-service: a tiny Qwen2.5-VL ({params} parameters; text hidden 128, 4
 layers; vision hidden 96, depth 3) with Q-Zoom branches (SD-RPN twig K={cfg['twig_K']}, T={cfg['twig_T']}; gate
-K={cfg['high_res_K']}, T={cfg['high_res_T']}), trained from scratch on CPU by `benchmarks/train_embedded_model.py`
-(seed {args.seed}). It knows only the synthetic task of `qzoom_service/bench/synthetic.py`: the colour or shape
+K={cfg['high_res_K']}, T={cfg['high_res_T']}), trained from scratch on CPU by `recipes/train_embedded_model.py`
+(seed {args.seed}). It knows only the synthetic task of `qzoom_service/synthetic.py`: the colour or shape
 of one big object (answerable from the coarse view) and the colour of a small dot in a small dark-bordered box
 (a few pixels in the coarse view, clear in a zoomed crop). It is not a general vision-language model.
 
@@ -509,7 +452,8 @@ def main(argv=None) -> int:
     p.add_argument("--base-steps", type=int, default=1200)
     p.add_argument("--base-batch", type=int, default=16)
     p.add_argument("--base-lr", type=float, default=2e-3)
-    p.add_argument("--base-stop", type=int, default=700, help="end phase A at this step (a multiple of 100)")
+    p.add_argument("--base-stop", type=int, default=700,
+                   help="end phase A at this step of --base-steps (its schedule kept; checkpointed there)")
     p.add_argument("--mark-steps", type=int, default=600, help="phase B steps on mark targets")
     p.add_argument("--mark-lr", type=float, default=1e-3)
     p.add_argument("--dot-steps", type=int, default=1000, help="phase C steps on dot targets")

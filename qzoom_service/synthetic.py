@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw
 __all__ = ["ANSWER_VOCAB", "COLOURS", "SHAPES", "DIGITS", "LETTERS", "SPLITS", "Sample", "Scene", "Target",
            "TARGET_KINDS", "box_contains", "box_side", "boxes_overlap", "border_rgb", "chance_accuracy", "dot_size", "generate",
            "glyph_rects", "glyph_size",
-           "iter_samples", "make_sample", "make_scene", "write_dataset"]
+           "iter_samples", "make_sample", "make_scene", "stable_seed", "write_dataset"]
 
 Box = tuple[int, int, int, int]
 RGB = tuple[int, int, int]
@@ -149,7 +149,10 @@ def _pad(box: Box, p: int) -> Box:
     return box[0] - p, box[1] - p, box[2] + p, box[3] + p
 
 
-def _stable_seed(*parts: int) -> int:
+def stable_seed(*parts) -> int:
+    """A 64-bit seed from `parts` (ints or strings) through SHA-256: unlike `hash()`, the same in every process.
+    Training (batch order, example draws, gate labels) seeds from it too; the held-out scenes and the shipped
+    figures depend on its exact values."""
     return int.from_bytes(hashlib.sha256(",".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
@@ -328,7 +331,7 @@ def _settings(split: str, overrides: dict) -> dict:
 def make_scene(split: str, seed: int, index: int, **size_overrides) -> Scene:
     """The scene (image plus every object's box) of sample `index`; independent of any question choice."""
     s = _settings(split, size_overrides)
-    rng = random.Random(_stable_seed(seed, _SPLIT_CODE[split], index, _SCENE_STREAM))
+    rng = random.Random(stable_seed(seed, _SPLIT_CODE[split], index, _SCENE_STREAM))
     glyph_height = s["glyph_height"] + rng.randint(-s["glyph_jitter"], s["glyph_jitter"])
     build = _hr_scene if split == "hr" else _doc_scene
     return build(rng, s["width"], s["height"], glyph_height, s["targets"])
@@ -351,7 +354,7 @@ def make_sample(split: str, seed: int, index: int, *, fine_fraction: float = 0.5
     if not 0.0 <= fine_fraction <= 1.0:
         raise ValueError(f"fine_fraction must be in [0, 1], got {fine_fraction}")
     scene = make_scene(split, seed, index, **size_overrides)
-    rng = random.Random(_stable_seed(seed, _SPLIT_CODE[split], index, _QUESTION_STREAM))
+    rng = random.Random(stable_seed(seed, _SPLIT_CODE[split], index, _QUESTION_STREAM))
     question, answer, kind, answer_set, box = _ask(rng, scene, fine_fraction)
     return Sample(scene.image, question, answer, kind, box, split, seed, index, answer_set)
 
