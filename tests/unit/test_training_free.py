@@ -44,6 +44,6 @@ def test_attention_map_divides_by_the_generic_prompt(plain_engine):
 
     p = plain_engine.prepare(Request(make_image(400, 300), "Where is the box?"))
     (emb,) = encode_images(plain_engine.model, p.pixel_values, p.grid_thw)
-    state = prefill_to_k(plain_engine.model, p, emb, plain_engine.loaded.prefix_k)
+    state = prefill_to_k(plain_engine.model, p, emb, plain_engine.loaded.branch_layer)
     same = attention_roi.attention_map(plain_engine.model, state, state, p.merged_hw)
     assert torch.allclose(same, torch.ones_like(same), atol=1e-4)  # question / itself = uniform
