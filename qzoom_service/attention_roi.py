@@ -29,6 +29,6 @@ def _image_attention(layer, state: CoarseState) -> torch.Tensor:
 @torch.no_grad()
 def attention_map(model, question_state: CoarseState, generic_state: CoarseState, merged_hw) -> torch.Tensor:
     """Relative attention map (Hm, Wm) in [0, 1] read at trunk layer K (the prefix both states share)."""
-    layer = model.model.language_model.layers[question_state.k]
+    layer = model.model.language_model.layers[question_state.branch_layer]
     ratio = _image_attention(layer, question_state) / _image_attention(layer, generic_state).clamp_min(1e-12)
     return (ratio / ratio.max().clamp_min(1e-12)).view(*merged_hw)

@@ -87,8 +87,8 @@ def run_layers(layers, h, mask, position_embeddings, cache=None) -> torch.Tensor
 
 
 @torch.no_grad()
-def prefill_to_k(model, prepared: Prepared, image_embeds: torch.Tensor, k: int) -> CoarseState:
-    """Pass 1: embeddings, positions and trunk layers 0..k-1 (cached) over the whole prompt."""
+def prefill_to_k(model, prepared: Prepared, image_embeds: torch.Tensor, branch_layer: int) -> CoarseState:
+    """Pass 1: embeddings, positions and trunk layers 0..K-1 (cached) over the whole prompt; K = `branch_layer`."""
     lm = _lm(model)
     device = lm.embed_tokens.weight.device
     ids = prepared.input_ids.to(device)
@@ -97,7 +97,7 @@ def prefill_to_k(model, prepared: Prepared, image_embeds: torch.Tensor, k: int) 
     cs = lm.rotary_emb(x, pos)
     cache = DynamicCache(config=model.config.text_config)
     mask = causal_mask(x.shape[1], x.shape[1], x.dtype, device)
-    h_k = run_layers(lm.layers[:k], x, mask, cs, cache)
+    h_k = run_layers(lm.layers[:branch_layer], x, mask, cs, cache)
     start = int((ids[0] == model.config.image_token_id).nonzero()[0, 0])
     return CoarseState(
         embeds=x,
@@ -105,21 +105,22 @@ def prefill_to_k(model, prepared: Prepared, image_embeds: torch.Tensor, k: int) 
         position_embeddings=cs,
         h_k=h_k,
         cache=cache,
-        k=k,
+        branch_layer=branch_layer,
         image_start=start,
         num_visual=image_embeds.shape[0],
     )
 
 
 @torch.no_grad()
-def prefill_batch_to_k(model, prepared: list[Prepared], image_embeds: list[torch.Tensor], k: int) -> list[CoarseState]:
+def prefill_batch_to_k(model, prepared: list[Prepared], image_embeds: list[torch.Tensor],
+                       branch_layer: int) -> list[CoarseState]:
     """Pass 1 for several prompts in one left-padded batch; returns one unpadded `CoarseState` per prompt.
 
     Padding keys are masked out, so each row computes what `prefill_to_k` computes for it alone (up to
     floating-point summation order); later stages then run per row on the sliced states.
     """
     if len(prepared) == 1:
-        return [prefill_to_k(model, prepared[0], image_embeds[0], k)]
+        return [prefill_to_k(model, prepared[0], image_embeds[0], branch_layer)]
     lm = _lm(model)
     device = lm.embed_tokens.weight.device
     rows = []
@@ -133,16 +134,16 @@ def prefill_batch_to_k(model, prepared: list[Prepared], image_embeds: list[torch
     cos, sin = lm.rotary_emb(x, pos)
     mask = _padded_causal_mask(pads, length, x.dtype, device)
     cache = DynamicCache(config=model.config.text_config)
-    h_k = run_layers(lm.layers[:k], x, mask, (cos, sin), cache)
+    h_k = run_layers(lm.layers[:branch_layer], x, mask, (cos, sin), cache)
     states = []
     for b, ((e, q, ids), pad, emb) in enumerate(zip(rows, pads, image_embeds)):
         row_cache = DynamicCache(config=model.config.text_config)
-        for i in range(k):
+        for i in range(branch_layer):
             keys, values = layer_kv(cache, i)
             row_cache.update(keys[b : b + 1, :, pad:], values[b : b + 1, :, pad:], i)
         states.append(CoarseState(
             embeds=e, positions=q, position_embeddings=(cos[b : b + 1, pad:], sin[b : b + 1, pad:]),
-            h_k=h_k[b : b + 1, pad:], cache=row_cache, k=k,
+            h_k=h_k[b : b + 1, pad:], cache=row_cache, branch_layer=branch_layer,
             image_start=int((ids[0] == model.config.image_token_id).nonzero()[0, 0]), num_visual=emb.shape[0],
         ))
     return states

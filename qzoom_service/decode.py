@@ -22,7 +22,7 @@ def finish_prefill(model, state: CoarseState) -> torch.Tensor:
     lm = model.model.language_model
     length = state.h_k.shape[1]
     mask = causal_mask(length, length, state.h_k.dtype, state.h_k.device)
-    h = run_layers(lm.layers[state.k :], state.h_k, mask, state.position_embeddings, state.cache)
+    h = run_layers(lm.layers[state.branch_layer :], state.h_k, mask, state.position_embeddings, state.cache)
     return lm.norm(h[:, -1])
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -65,25 +65,19 @@ class QZoomEngine:
         """`feature_cache`: optional object with `get_features(key)` / `put_features(key, features)` (see
         `cache.py`); used for requests that carry an `image_id`."""
         self.loaded = loaded
-        config = config or EngineConfig()
-        # An unset coarse budget is the checkpoint's own (what it was trained at), else 256..576 tokens.
-        self.config = replace(config, min_pixels=config.min_pixels or loaded.default_min_pixels,
-                              max_pixels=config.max_pixels or loaded.default_max_pixels)
+        # Every setting left to the checkpoint (thresholds, coarse budget, position scheme), filled once.
+        self.config = loaded.resolve(config or EngineConfig())
         self.model = loaded.model
         self.processor = loaded.processor
         self.branches = loaded.branches
         self.feature_cache = feature_cache
-        self.reuse_src_pos = loaded.reuse_src_pos if self.config.reuse_src_pos is None else self.config.reuse_src_pos
-        gate_default, roi_default = self.config.gate_threshold, self.config.roi_threshold
-        self.default_gate = gate_default if gate_default is not None else loaded.default_gate_threshold
-        self.default_roi = roi_default if roi_default is not None else loaded.default_roi_threshold
         self.dtype_name = str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     # -- public -------------------------------------------------------------------------------------
 
     def prepare(self, request: Request) -> Prepared:
         """Validate and preprocess one request (no model work). Raises `InvalidInput` / `ImageTooLarge`."""
-        return prepare(request, self.processor, self.config, self.default_gate, self.default_roi)
+        return prepare(request, self.processor, self.config)
 
     @torch.inference_mode()
     def answer(self, requests: list[Request | Prepared]) -> list[Result]:
@@ -113,16 +107,17 @@ class QZoomEngine:
             timings[f"coarse.{name}"] = ms
         hit = hit if plan.cache_hit is None else plan.cache_hit
         with _timed(timings, "prefill_k"):
-            state = prefill_to_k(self.model, p, embeds, self.loaded.prefix_k)
+            state = prefill_to_k(self.model, p, embeds, self.loaded.branch_layer)
         return (self._zoom_result(p, state, plan, timings, hit)
                 or self._direct(p, state, _Direct(plan.gate_score), timings, hit))
 
     def plan_for_box(self, request: Request | Prepared, box) -> ZoomPlan:
-        """A `ZoomPlan` for an explicit box in original pixels (clamped, grown to >= 28 px per side)."""
+        """A `ZoomPlan` for an explicit box in original pixels (clamped, grown to >= one merged token per side)."""
         p = request if isinstance(request, Prepared) else self.prepare(request)
-        int_box = fit_crop_box(box, p.original.size)
-        if int_box[2] - int_box[0] < 28 or int_box[3] - int_box[1] < 28:
-            raise InvalidInput("the image is under 28 px on a side; there is nothing to zoom into")
+        factor = self.loaded.factor
+        int_box = fit_crop_box(box, p.original.size, min_side=factor)
+        if int_box[2] - int_box[0] < factor or int_box[3] - int_box[1] < factor:
+            raise InvalidInput(f"the image is under {factor} px on a side; there is nothing to zoom into")
         cell_box = rpn.original_to_cell_box(int_box, p.merged_hw, p.original.size)
         return ZoomPlan(box=int_box, cell_box=cell_box, gate_score=None, roi_map=None, roi_source="explicit")
 
@@ -186,7 +181,8 @@ class QZoomEngine:
         """`_coarse_batch` plus pass 1 for the whole batch in one left-padded forward."""
         items = self._coarse_batch(requests)
         start = time.perf_counter()
-        states = prefill_batch_to_k(self.model, [i[0] for i in items], [i[1] for i in items], self.loaded.prefix_k)
+        states = prefill_batch_to_k(self.model, [i[0] for i in items], [i[1] for i in items],
+                                    self.loaded.branch_layer)
         share = (time.perf_counter() - start) * 1000.0 / max(1, len(items))
         for item in items:
             item[2]["prefill_k"] = share
@@ -205,24 +201,26 @@ class QZoomEngine:
                     score = gate.confidence_gate_score(self.model.lm_head(direct_hidden))
         if mode == "direct" or (mode == "auto" and score < p.options.gate_threshold):
             return _Direct(score, direct_hidden)
+        factor = self.loaded.factor
         with _timed(timings, "rpn"):
             prob, source = self._roi_probability(p, state, embeds)
             cell_box, box = rpn.map_to_box(prob, p.options.roi_threshold, p.original.size,
-                                           relative=source == "attention")
-        if box is None or box[2] - box[0] < 28 or box[3] - box[1] < 28:
-            log.debug("zoom wanted but no usable RoI (empty map or image under 28 px): direct answer")
+                                           relative=source == "attention", factor=factor)
+        if box is None or box[2] - box[0] < factor or box[3] - box[1] < factor:
+            log.debug("zoom wanted but no usable RoI (empty map or image under one merged token): direct answer")
             return _Direct(score, direct_hidden)
         return ZoomPlan(box=box, cell_box=cell_box, gate_score=score, roi_map=prob.tolist(), roi_source=source)
 
     def _roi_probability(self, p: Prepared, state: CoarseState, image_embeds) -> tuple[torch.Tensor, str]:
-        if self.branches.has_twig:
+        if self.branches.has_rpn:
             return torch.sigmoid(rpn.roi_logits(self.branches, state, p.merged_hw).float()), "sd_rpn"
         generic = Prepared(
             original=p.original,
             input_ids=self.processor.prompt_ids(attention_roi.GENERIC_PROMPT, state.num_visual),
             pixel_values=p.pixel_values, grid_thw=p.grid_thw, options=p.options,
+            patch_size=p.patch_size, merge_size=p.merge_size,
         )
-        generic_state = prefill_to_k(self.model, generic, image_embeds, state.k)
+        generic_state = prefill_to_k(self.model, generic, image_embeds, state.branch_layer)
         return attention_roi.attention_map(self.model, state, generic_state, p.merged_hw), "attention"
 
     def _direct(self, p: Prepared, state: CoarseState, decision: "_Direct", timings, cache_hit: bool) -> Result:
@@ -247,9 +245,10 @@ class QZoomEngine:
                 return None
             pixel_values, roi_grid = encoded
             (roi_embeds,) = encode_images(self.model, pixel_values, roi_grid)
-        roi_hw = (int(roi_grid[0, 1]) // 2, int(roi_grid[0, 2]) // 2)
+        roi_hw = (int(roi_grid[0, 1]) // p.merge_size, int(roi_grid[0, 2]) // p.merge_size)
         with _timed(timings, "zoom_prefill"):
-            zin = zoom.build_zoom_input(state, roi_embeds, p.merged_hw, roi_hw, plan.cell_box, self.reuse_src_pos)
+            zin = zoom.build_zoom_input(state, roi_embeds, p.merged_hw, roi_hw, plan.cell_box,
+                                        self.config.reuse_src_pos)
             hidden, cache = zoom.prefill_zoom(self.model, state, zin)
         with _timed(timings, "decode"):
             ids = decode.greedy_decode(

@@ -2,7 +2,7 @@
 
 Two gates, one meaning: the score is the probability that zooming is needed, and the zoom route is
 taken when score >= threshold.
-- `trained_gate_score`: the Q-Zoom gate branch (high_res_layers + high_res_head) on the last prompt token.
+- `trained_gate_score`: the Q-Zoom gate branch (`gate_layers` + `gate_head`) on the last prompt token.
 - `confidence_gate_score`: for plain Qwen2.5-VL weights with no gate branch, 1 - p(top first answer
   token) from the ordinary direct prefill. A model that is unsure of its first answer token from the
   coarse view asks for the zoom. Default threshold for this rule: 0.5 (see `DEFAULT_CONFIDENCE_THRESHOLD`).

@@ -17,7 +17,6 @@ __all__ = ["SPACES", "to_original", "from_original", "all_spaces", "grow_to_min_
            "MAX_ASPECT_RATIO"]
 
 SPACES = ("original", "input", "norm1000", "norm1")
-MIN_SIDE = 28  # one merged token of the model input
 MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's image processor refuses longer/thinner images
 
 
@@ -66,8 +65,10 @@ def validate_box(box) -> tuple[float, float, float, float]:
     return x1, y1, x2, y2
 
 
-def grow_to_min_side(x1, y1, x2, y2, width: int, height: int, min_side: int = MIN_SIDE) -> tuple[int, int, int, int]:
+def grow_to_min_side(x1, y1, x2, y2, width: int, height: int, *, min_side: int) -> tuple[int, int, int, int]:
     """Grow a side shorter than `min_side` symmetrically, slide it back inside the image, clamp, truncate.
+
+    `min_side` is one merged token of the model input (the model's `factor`, 28 px on Qwen2.5-VL).
 
     Float32 arithmetic in the reference's order of operations (`get_bbox4src`), so boxes are bit-identical;
     truncation may therefore end a box up to 1 px short of a cell edge that falls on x.9999. One deliberate
@@ -102,7 +103,7 @@ def _at_least(lo: int, hi: int, limit: int, min_side: int) -> tuple[int, int]:
     return hi - min_side, hi
 
 
-def fit_crop_box(box, size, min_side: int = MIN_SIDE, max_aspect: float = MAX_ASPECT_RATIO):
+def fit_crop_box(box, size, *, min_side: int, max_aspect: float = MAX_ASPECT_RATIO):
     """An explicit zoom box (original pixels, floats) -> the int box actually cropped.
 
     Clamped to the image; a side shorter than `min_side` grows around its centre (sliding back inside the
@@ -117,7 +118,7 @@ def fit_crop_box(box, size, min_side: int = MIN_SIDE, max_aspect: float = MAX_AS
             f"box {[round(v, 2) for v in box]} lies outside the {w0}x{h0} image; send x1 < x2 <= {w0} and "
             f"y1 < y2 <= {h0} in original pixels (or use norm1000 / norm1 coordinates)"
         )
-    x1, y1, x2, y2 = grow_to_min_side(x1, y1, x2, y2, w0, h0, min_side)
+    x1, y1, x2, y2 = grow_to_min_side(x1, y1, x2, y2, w0, h0, min_side=min_side)
     ratio = max(x2 - x1, y2 - y1) / min(x2 - x1, y2 - y1)
     if ratio > max_aspect:
         raise InvalidInput(f"box {[x1, y1, x2, y2]} has an aspect ratio of {ratio:.0f}; the limit is {max_aspect}: "

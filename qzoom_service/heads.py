@@ -1,9 +1,8 @@
-"""The Q-Zoom branch modules: SD-RPN twig layers and the dynamic gate (paper §3.2-3.3).
+"""The Q-Zoom branch modules: the SD-RPN and the dynamic gate (paper §3.2-3.3).
 
 Both branches are stacks of transformers' own `Qwen2_5_VLDecoderLayer` fed with the residual stream
-after trunk layer K-1 (0-based: the input of trunk layer K). They never read or write the KV cache.
-Parameter names match the released checkpoints: `twig_layers.{i}.*`, `high_res_layers.{i}.*`,
-`high_res_head.{weight,bias}`.
+after trunk layer K-1 (0-based: the input of trunk layer K, `branch_layer`). They never read or write
+the KV cache. The released checkpoints' tensor names are mapped to these modules in `released.py`.
 """
 
 from __future__ import annotations
@@ -18,59 +17,59 @@ __all__ = ["QZoomBranches", "last_token_qk"]
 
 
 class QZoomBranches(nn.Module):
-    """Holds the twig (SD-RPN) and gate branches. Either may be absent (plain Qwen2.5-VL weights)."""
+    """Holds the SD-RPN and gate branches. Either may be absent (plain Qwen2.5-VL weights).
 
-    def __init__(self, text_config, twig_K: int | None, twig_T: int, gate_K: int | None, gate_T: int):
+    One trunk prefix (layers 0..K-1) serves both, so they share `branch_layer`; their own layers are
+    initialised from trunk layers K.. (`init_from_trunk`).
+    """
+
+    def __init__(self, text_config, branch_layer: int | None, rpn_depth: int, gate_depth: int):
         super().__init__()
-        self.twig_K = twig_K
-        self.gate_K = gate_K
-        self.twig_layers = nn.ModuleList(
-            [Qwen2_5_VLDecoderLayer(text_config, twig_K + i) for i in range(twig_T)] if twig_K is not None else []
-        )
-        self.high_res_layers = nn.ModuleList(
-            [Qwen2_5_VLDecoderLayer(text_config, gate_K + i) for i in range(gate_T)] if gate_K is not None else []
-        )
-        self.high_res_head = nn.Linear(text_config.hidden_size, 1, bias=True) if gate_K is not None else None
+        self.branch_layer = branch_layer if rpn_depth or gate_depth else None
+        k = self.branch_layer
+        self.rpn_layers = nn.ModuleList([Qwen2_5_VLDecoderLayer(text_config, k + i) for i in range(rpn_depth)])
+        self.gate_layers = nn.ModuleList([Qwen2_5_VLDecoderLayer(text_config, k + i) for i in range(gate_depth)])
+        self.gate_head = nn.Linear(text_config.hidden_size, 1, bias=True) if gate_depth else None
 
     @classmethod
-    def create(cls, text_config, *, twig_K=None, twig_T=0, gate_K=None, gate_T=0) -> "QZoomBranches":
+    def create(cls, text_config, *, branch_layer: int | None = None, rpn_depth: int = 0,
+               gate_depth: int = 0) -> "QZoomBranches":
         n = text_config.num_hidden_layers
-        for name, k, t in (("twig", twig_K, twig_T), ("gate", gate_K, gate_T)):
-            if k is not None and not (0 < k < n and t >= 1):
-                raise ValueError(f"{name} branch needs 0 < K < {n} layers and T >= 1, got K={k}, T={t}")
-        if twig_K is not None and gate_K is not None and twig_K != gate_K:
-            # One prefix to K serves both branches; the reference silently skips layers otherwise.
-            raise ValueError(f"twig_K ({twig_K}) and high_res_K ({gate_K}) must be equal")
-        return cls(text_config, twig_K, twig_T, gate_K, gate_T)
+        if (rpn_depth or gate_depth) and not (branch_layer is not None and 0 < branch_layer < n):
+            raise ValueError(f"Q-Zoom branches need 0 < branch_layer < {n}; got {branch_layer}")
+        if rpn_depth < 0 or gate_depth < 0:
+            raise ValueError(f"branch depths must be >= 0; got rpn_depth={rpn_depth}, gate_depth={gate_depth}")
+        return cls(text_config, branch_layer, rpn_depth, gate_depth)
 
     @property
-    def has_twig(self) -> bool:
-        return len(self.twig_layers) > 0
+    def has_rpn(self) -> bool:
+        return len(self.rpn_layers) > 0
 
     @property
     def has_gate(self) -> bool:
-        return self.high_res_head is not None
+        return self.gate_head is not None
 
     @property
-    def branch_K(self) -> int | None:
-        return self.gate_K if self.gate_K is not None else self.twig_K
+    def rpn_depth(self) -> int:
+        return len(self.rpn_layers)
+
+    @property
+    def gate_depth(self) -> int:
+        return len(self.gate_layers)
 
     def init_from_trunk(self, trunk_layers: nn.ModuleList) -> None:
         """Copy trunk layers K+i into branch layer i (the stage-1 / stage-3 initialisation)."""
-        for k, layers in ((self.twig_K, self.twig_layers), (self.gate_K, self.high_res_layers)):
+        for layers in (self.rpn_layers, self.gate_layers):
             for i, layer in enumerate(layers):
-                layer.load_state_dict(trunk_layers[k + i].state_dict())
-
-    def released_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items()}
+                layer.load_state_dict(trunk_layers[self.branch_layer + i].state_dict())
 
     def gate_logit(self, h_k: torch.Tensor, mask, position_embeddings) -> torch.Tensor:
         """Pre-sigmoid gate output (B,), float32; what stage-3 training puts into BCE-with-logits."""
         g = h_k
-        for layer in self.high_res_layers:
+        for layer in self.gate_layers:
             g = layer(g, attention_mask=mask, position_embeddings=position_embeddings)
         # Last prompt token, no final norm (as trained).
-        return self.high_res_head(g[:, -1]).float().squeeze(-1)
+        return self.gate_head(g[:, -1]).float().squeeze(-1)
 
     def gate_score(self, h_k: torch.Tensor, mask, position_embeddings) -> torch.Tensor:
         """Probability that the coarse view is NOT enough (zoom wanted). h_k: (B, L, D) -> (B,)."""
@@ -79,14 +78,14 @@ class QZoomBranches(nn.Module):
     def rpn_logits(self, h_k: torch.Tensor, mask, position_embeddings, visual_index: torch.Tensor) -> torch.Tensor:
         """Query-key map of the last prompt token over the visual tokens (SD-RPN, `roi_source="qk"`).
 
-        h_k: (1, L, D); visual_index: (Nv,) sequence positions of the image tokens. The first T-1 twig layers
+        h_k: (1, L, D); visual_index: (Nv,) sequence positions of the image tokens. The first T-1 RPN layers
         run fully; of the last one only its norm and q/k projections are used. Returns raw scaled logits
         (Nv,), mean over heads; sigmoid gives the per-cell foreground probability.
         """
         r = h_k
-        for layer in self.twig_layers[:-1]:
+        for layer in self.rpn_layers[:-1]:
             r = layer(r, attention_mask=mask, position_embeddings=position_embeddings)
-        scores = last_token_qk(self.twig_layers[-1], r, position_embeddings)  # (H, L)
+        scores = last_token_qk(self.rpn_layers[-1], r, position_embeddings)  # (H, L)
         return scores[:, visual_index].mean(0)
 
 

@@ -1,9 +1,8 @@
 """Load stock Qwen2.5-VL weights and attach the Q-Zoom branches read from the checkpoint shards.
 
 Base weights go through `Qwen2_5_VLForConditionalGeneration.from_pretrained` (its conversion mapping
-handles the 4.51.3 `visual.*` / `model.*` layout). The branch weights are then read from the safetensors
-shards by name; released (4.51.3) and 5.x prefixes are both accepted. Q-Zoom config keys come from the
-raw `config.json` (top level first, then `text_config`) and can be overridden.
+handles the 4.51.3 `visual.*` / `model.*` layout). The branch weights and the Q-Zoom config.json keys
+are read through `released.py`, which holds the released format; keys can be overridden.
 """
 
 from __future__ import annotations
@@ -15,26 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
-from .config import TOKEN_PIXELS
+from .attention_roi import DEFAULT_ATTENTION_ROI_THRESHOLD
+from .config import EngineConfig
 from .errors import CheckpointError
 from .gate import DEFAULT_CONFIDENCE_THRESHOLD
-from .attention_roi import DEFAULT_ATTENTION_ROI_THRESHOLD
 from .heads import QZoomBranches
 from .preprocess import Processor
+from .released import CheckpointConfig, branch_state_from_shards, read_config, released_name
 
-__all__ = ["LoadedModel", "load_model", "load_for_config", "branch_state_from_shards", "qzoom_keys", "BRANCH_PREFIXES"]
+__all__ = ["LoadedModel", "load_model", "load_for_config", "build_branches", "tiny_random_loaded",
+           "DEFAULT_COARSE_TOKENS"]
 
 log = logging.getLogger(__name__)
 
-BRANCH_PREFIXES = ("twig_layers.", "high_res_layers.", "high_res_head.")
-# Outer prefixes a branch key may carry: 4.51.3 (`model.`), 5.x (`model.language_model.`), bare.
-_OUTER = ("model.language_model.", "language_model.", "model.", "")
-DEFAULT_MIN_PIXELS = 256 * TOKEN_PIXELS  # coarse budget when neither the engine config nor the checkpoint sets one
-DEFAULT_MAX_PIXELS = 576 * TOKEN_PIXELS
+# Coarse budget in merged tokens (paper's Doc/OCR setting) when neither the engine config nor the
+# checkpoint sets one; pixels = tokens x factor^2 of the loaded model.
+DEFAULT_COARSE_TOKENS = (256, 576)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,27 +43,43 @@ class LoadedModel:
     branches: QZoomBranches
     model_id: str
     revision: str
-    reuse_src_pos: bool
-    default_gate_threshold: float
-    default_roi_threshold: float
-    # Coarse pixel budget the checkpoint was trained for (config.json `coarse_min_pixels` /
-    # `coarse_max_pixels`, OUR keys); used when the engine config leaves the budget unset.
-    default_min_pixels: int = DEFAULT_MIN_PIXELS
-    default_max_pixels: int = DEFAULT_MAX_PIXELS
+    checkpoint: CheckpointConfig = CheckpointConfig()  # the checkpoint's Q-Zoom config.json keys
 
     @property
-    def prefix_k(self) -> int:
+    def branch_layer(self) -> int:
         """Trunk layer where pass 1 stops: the branch point, or the middle layer for plain weights."""
-        k = self.branches.branch_K
+        k = self.branches.branch_layer
         return k if k is not None else self.model.config.text_config.num_hidden_layers // 2
 
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.vision_config.patch_size
 
-def qzoom_keys(raw_config: dict) -> dict:
-    """Q-Zoom keys from a raw config.json dict (flat 4.51.3 layout, or nested under text_config)."""
-    text = raw_config.get("text_config") or {}
-    names = ("enable_twig", "twig_K", "twig_T", "enable_high_res", "high_res_K", "high_res_T",
-             "high_res_thresh", "reuse_src_pos", "roi_source", "roi_thresh", "coarse_min_pixels", "coarse_max_pixels")
-    return {n: raw_config.get(n, text.get(n)) for n in names if n in raw_config or n in text}
+    @property
+    def merge_size(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size
+
+    @property
+    def factor(self) -> int:
+        """Side in pixels of the model-input square that one merged visual token covers (28 for Qwen2.5-VL)."""
+        return self.patch_size * self.merge_size
+
+    def resolve(self, config: EngineConfig) -> EngineConfig:
+        """`config` with every setting it leaves to the checkpoint filled in (a frozen, validated copy).
+
+        The gate and RoI thresholds are the trained branches' (config.json, else 0.1), or those of the
+        training-free rules for plain weights; the coarse budget is the checkpoint's, else 256..576 tokens.
+        """
+        ckpt = self.checkpoint
+        lo, hi = (tokens * self.factor**2 for tokens in DEFAULT_COARSE_TOKENS)
+        return config.resolve(
+            gate_threshold=ckpt.gate_threshold if self.branches.has_gate else DEFAULT_CONFIDENCE_THRESHOLD,
+            roi_threshold=ckpt.roi_threshold if self.branches.has_rpn else DEFAULT_ATTENTION_ROI_THRESHOLD,
+            min_pixels=ckpt.min_pixels or lo,
+            max_pixels=ckpt.max_pixels or hi,
+            reuse_src_pos=ckpt.reuse_src_pos,
+            factor=self.factor,
+        )
 
 
 def _resolve_file(path: str, name: str, revision: str | None = None) -> Path | None:
@@ -90,33 +104,12 @@ def _shard_files(path: str, revision: str | None) -> list[Path]:
     return [single]
 
 
-def _branch_name(key: str) -> str | None:
-    for outer in _OUTER:
-        if key.startswith(outer) and key[len(outer):].startswith(BRANCH_PREFIXES):
-            return key[len(outer):]
-    return None
-
-
-def branch_state_from_shards(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Every twig/high_res tensor in the shards, keyed by its name inside `QZoomBranches`."""
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                name = _branch_name(key)
-                if name is None:
-                    continue
-                if name in state:
-                    raise CheckpointError(f"branch weight {name} appears twice (as {key} in {f.name})")
-                state[name] = sf.get_tensor(key)
-    return state
-
-
 def _load_branch_state(branches: QZoomBranches, state: dict[str, torch.Tensor], source: str) -> None:
     expected = branches.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+    # Named as the checkpoint files name them.
+    missing = sorted(released_name(k) for k in set(expected) - set(state))
+    unexpected = sorted(released_name(k) for k in set(state) - set(expected))
+    shapes = [f"{released_name(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
               for k, v in expected.items() if k in state and state[k].shape != v.shape]
     problems = []
     if missing:
@@ -130,19 +123,19 @@ def _load_branch_state(branches: QZoomBranches, state: dict[str, torch.Tensor], 
     branches.load_state_dict(state, strict=True)
 
 
-def build_branches(text_config, keys: dict) -> QZoomBranches:
-    if keys.get("roi_source", "qk") != "qk":
-        raise CheckpointError(f"roi_source={keys['roi_source']!r} is not supported (only 'qk', the released setting)")
-    twig_K = keys.get("twig_K") if keys.get("enable_twig") else None
-    gate = keys.get("enable_high_res") and twig_K is not None
+def build_branches(text_config, checkpoint: CheckpointConfig) -> QZoomBranches:
+    """Empty branch modules of the shape `checkpoint` describes (a gate needs the SD-RPN's branch layer)."""
+    if checkpoint.roi_source != "qk":
+        raise CheckpointError(f"roi_source={checkpoint.roi_source!r} is not supported (only 'qk', the released setting)")
+    if not checkpoint.has_rpn or checkpoint.branch_layer is None:
+        return QZoomBranches.create(text_config)
+    if checkpoint.rpn_depth < 1 or (checkpoint.has_gate and checkpoint.gate_depth < 1):
+        raise CheckpointError(f"Q-Zoom branches need depth >= 1; got rpn_depth={checkpoint.rpn_depth}, "
+                              f"gate_depth={checkpoint.gate_depth}")
     try:
-        return QZoomBranches.create(
-            text_config,
-            twig_K=twig_K,
-            twig_T=int(keys.get("twig_T") or 0),
-            gate_K=keys.get("high_res_K", twig_K) if gate else None,
-            gate_T=int(keys.get("high_res_T", keys.get("twig_T")) or 0) if gate else 0,
-        )
+        return QZoomBranches.create(text_config, branch_layer=checkpoint.branch_layer,
+                                    rpn_depth=checkpoint.rpn_depth,
+                                    gate_depth=checkpoint.gate_depth if checkpoint.has_gate else 0)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
@@ -158,14 +151,14 @@ def load_model(
 ) -> LoadedModel:
     """Load a Q-Zoom checkpoint or plain Qwen2.5-VL weights (local dir or hub id).
 
-    `overrides` replaces config keys (`twig_K`, `twig_T`, `high_res_K`, `high_res_T`, `high_res_thresh`,
-    `reuse_src_pos`, `enable_twig`, `enable_high_res`). Missing or mis-shaped branch keys raise
-    `CheckpointError` naming them.
+    `overrides` replaces Q-Zoom config keys by their `CheckpointConfig` names (`rpn_depth`,
+    `gate_threshold`, `reuse_src_pos`, ...). Missing or mis-shaped branch keys raise `CheckpointError`
+    naming them.
     """
     config_file = _resolve_file(path, "config.json", revision)
     if config_file is None:
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory or hub id?)")
-    keys = {**qzoom_keys(json.loads(config_file.read_text())), **(overrides or {})}
+    checkpoint = read_config(json.loads(config_file.read_text()), overrides)
     torch_dtype = _DTYPES[dtype]
     with _quiet_transformers():  # the branch keys are reported "unexpected"; we load them ourselves below
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -173,26 +166,26 @@ def load_model(
         ).eval()
     if _resolve_file(path, "generation_config.json", revision) is None:
         model.generation_config = GenerationConfig(eos_token_id=model.config.text_config.eos_token_id)
-    branches = build_branches(model.config.text_config, keys)
-    if branches.has_twig or branches.has_gate:
+    branches = build_branches(model.config.text_config, checkpoint)
+    if branches.has_rpn or branches.has_gate:
         _load_branch_state(branches, branch_state_from_shards(_shard_files(path, revision)), path)
     else:
         log.info("%s has no Q-Zoom branches: auto mode uses the training-free attention RoI and confidence gate", path)
     branches.to(device=device, dtype=torch_dtype).eval()
     model.to(device)
+    processor = Processor.load(path)
+    vision = model.config.vision_config
+    if (processor.patch_size, processor.merge_size) != (vision.patch_size, vision.spatial_merge_size):
+        raise CheckpointError(f"{path}: the image processor's patch/merge size ({processor.patch_size}, "
+                              f"{processor.merge_size}) differ from the vision config's ({vision.patch_size}, "
+                              f"{vision.spatial_merge_size})")
     return LoadedModel(
         model=model,
-        processor=Processor.load(path),
+        processor=processor,
         branches=branches,
         model_id=path,
         revision=revision or _local_revision(path),
-        reuse_src_pos=bool(keys.get("reuse_src_pos", False)),
-        default_gate_threshold=float(keys.get("high_res_thresh") or 0.1) if branches.has_gate
-        else DEFAULT_CONFIDENCE_THRESHOLD,
-        default_roi_threshold=float(keys.get("roi_thresh") or 0.1) if branches.has_twig
-        else DEFAULT_ATTENTION_ROI_THRESHOLD,
-        default_min_pixels=int(keys.get("coarse_min_pixels") or DEFAULT_MIN_PIXELS),
-        default_max_pixels=int(keys.get("coarse_max_pixels") or DEFAULT_MAX_PIXELS),
+        checkpoint=checkpoint,
     )
 
 
@@ -229,6 +222,7 @@ def load_for_config(config) -> LoadedModel:
     The embedded default is the project's small trained model when it ships in `assets/`, otherwise a
     tiny randomly initialised model (answers are then meaningless, and the log says so).
     """
+    config.check_device()
     if config.model is not None:
         return load_model(config.model, device=config.device, dtype=config.dtype,
                           attn_implementation=config.attn_implementation)
@@ -236,11 +230,19 @@ def load_for_config(config) -> LoadedModel:
         log.info("loading the embedded model %s", EMBEDDED_MODEL_DIR)
         return load_model(str(EMBEDDED_MODEL_DIR), device=config.device, dtype=config.dtype,
                           attn_implementation=config.attn_implementation)
-    from .tiny import tiny_loaded
-
     log.warning("no --model given and no trained embedded model is packaged: using a tiny RANDOM model "
                 "(answers are meaningless; pass --model Qwen/Qwen2.5-VL-7B-Instruct or a Q-Zoom checkpoint)")
-    loaded = tiny_loaded(seed=0)
+    loaded = tiny_random_loaded(seed=0)
     loaded.model.to(config.device)
     loaded.branches.to(config.device)
     return loaded
+
+
+def tiny_random_loaded(seed: int = 0, spec=None) -> LoadedModel:
+    """A `LoadedModel` around `tiny.build_tiny(seed, spec)`, without touching the disk."""
+    from .tiny import TinySpec, build_tiny
+
+    model, processor = build_tiny(seed, spec or TinySpec())
+    return LoadedModel(model=model, processor=processor, branches=model.qzoom,
+                       model_id=f"qzoom-tiny-random-seed{seed}", revision="0",
+                       checkpoint=read_config(model.config.to_dict()))

@@ -13,7 +13,7 @@ def draw_overlay(image: Image.Image, roi_map, roi_box, alpha: float = 0.45) -> I
     base = image.convert("RGB")
     if roi_map is not None:
         heat = np.clip(np.asarray(roi_map, dtype=np.float32), 0.0, 1.0)
-        # Nearest upsampling keeps the token grid visible: each cell is one 28x28 input patch.
+        # Nearest upsampling keeps the token grid visible: each cell is one merged token of the input.
         heat_img = Image.fromarray((heat * 255).astype(np.uint8), mode="L").resize(base.size, Image.Resampling.NEAREST)
         red = Image.new("RGB", base.size, (255, 32, 0))
         mask = heat_img.point(lambda v: int(v * alpha))

@@ -2,8 +2,9 @@
 
 The prompt is the checkpoint's own chat template (default system prompt) applied to `[image, question]`;
 nothing is appended unless `prompt_suffix` asks for it. Images go through the same two resizes as the
-reference evaluator: a qwen-vl-utils style pre-resize (round to multiples of 28, bicubic) and then the
-image processor's `smart_resize` to the requested pixel budget.
+reference evaluator: a qwen-vl-utils style pre-resize (round to multiples of the merged-token side
+`factor`, 28 px on Qwen2.5-VL, bicubic) and then the image processor's `smart_resize` to the requested
+pixel budget. The factor is the checkpoint's own (`Processor.factor`), never assumed.
 """
 
 from __future__ import annotations
@@ -19,21 +20,21 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from .config import EngineConfig, RequestOptions
+from .config import MAX_BUDGET_TOKENS, EngineConfig, RequestOptions
 from .errors import ImageTooLarge, InvalidInput
 from .geometry import MAX_ASPECT_RATIO
 from .types import Prepared, Request
 
-__all__ = ["Processor", "prepare", "load_image", "smart_resize", "resolve_options", "input_size_for"]
+__all__ = ["Processor", "prepare", "load_image", "smart_resize", "resolve_options", "input_size_for", "preresize"]
 
-PATCH = 14
+# Qwen2.5-VL's 2x2 token merge. Only training still imports it (its fixed budgets); the engine reads
+# `Processor.merge_size`.
 MERGE = 2
-FACTOR = PATCH * MERGE  # 28 px per merged token side
-# qwen-vl-utils pre-resize bounds (4 .. 16384 tokens), applied before the processor's own resize.
-PRERESIZE_MIN, PRERESIZE_MAX = 4 * FACTOR * FACTOR, 16384 * FACTOR * FACTOR
+# qwen-vl-utils pre-resize bounds in merged tokens, applied before the processor's own resize.
+PRERESIZE_TOKENS = (4, MAX_BUDGET_TOKENS)
 
 
-def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int) -> tuple[int, int]:
     """(height, width) rounded to multiples of `factor` with area in [min_pixels, max_pixels]."""
     h = max(factor, round(height / factor) * factor)
     w = max(factor, round(width / factor) * factor)
@@ -68,6 +69,19 @@ class Processor:
         self.image_processor.save_pretrained(out)
         (out / "chat_template.jinja").write_text(self.chat_template)
 
+    @property
+    def patch_size(self) -> int:
+        return self.image_processor.patch_size
+
+    @property
+    def merge_size(self) -> int:
+        return self.image_processor.merge_size
+
+    @property
+    def factor(self) -> int:
+        """Pixels per side of the model-input square one merged visual token covers (28 on Qwen2.5-VL)."""
+        return self.patch_size * self.merge_size
+
     def token_id(self, token: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(token)
 
@@ -78,7 +92,7 @@ class Processor:
         )
 
     def encode_image(self, image: Image.Image, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (pixel_values (patches, C*2*14*14), grid_thw (1, 3)) at the given pixel budget."""
+        """-> (pixel_values (patches, C*t*p*p), grid_thw (1, 3)) at the given pixel budget."""
         out = self.image_processor(
             images=[image], size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, return_tensors="pt"
         )
@@ -116,8 +130,10 @@ def _read_chat_template(path: str, tokenizer) -> str:
     raise InvalidInput(f"no chat template found for {path}")
 
 
-def load_image(data: Image.Image | bytes, config: EngineConfig) -> Image.Image:
-    """Decode and validate an image; returns an RGB PIL image. Raises before any model work."""
+def load_image(data: Image.Image | bytes, config: EngineConfig, factor: int) -> Image.Image:
+    """Decode and validate an image; returns an RGB PIL image. Raises before any model work.
+
+    `factor`: the model's pixels per merged token side, for the aspect-ratio limit on the resized grid."""
     if isinstance(data, Image.Image):
         image = data
         _check_pixels(image.width, image.height, config)
@@ -140,7 +156,7 @@ def load_image(data: Image.Image | bytes, config: EngineConfig) -> Image.Image:
             raise InvalidInput(f"image bytes are not a readable image (truncated or corrupt?): {e}") from None
     if image.width < 1 or image.height < 1:
         raise InvalidInput(f"image has zero size ({image.width}x{image.height})")
-    _check_aspect_ratio(image.width, image.height)
+    _check_aspect_ratio(image.width, image.height, factor)
     return image.convert("RGB")
 
 
@@ -153,67 +169,71 @@ def _check_pixels(width: int, height: int, config: EngineConfig) -> None:
         )
 
 
-def _check_aspect_ratio(width: int, height: int) -> None:
+def _check_aspect_ratio(width: int, height: int, factor: int) -> None:
     # The image processor refuses a ratio over MAX_ASPECT_RATIO after the pre-resize has rounded both sides to
     # the grid (a 30 px side becomes 28), so that is the ratio to check; it raises a bare ValueError otherwise.
-    h, w = smart_resize(height, width, PRERESIZE_MIN, PRERESIZE_MAX)
+    h, w = smart_resize(height, width, *_preresize_bounds(factor), factor)
     ratio = max(h, w) / min(h, w)
     if ratio > MAX_ASPECT_RATIO:
         raise InvalidInput(
-            f"image is {width}x{height}: an aspect ratio of {ratio:.0f} once resized to the {FACTOR}-px grid, over "
+            f"image is {width}x{height}: an aspect ratio of {ratio:.0f} once resized to the {factor}-px grid, over "
             f"the model's limit of {MAX_ASPECT_RATIO}; crop or pad it to a less elongated shape"
         )
 
 
-def resolve_options(
-    options: RequestOptions, config: EngineConfig, default_gate: float, default_roi: float
-) -> RequestOptions:
-    """Fill every `None` from the engine config; validate the result."""
-    options.validate()
+def resolve_options(options: RequestOptions, config: EngineConfig, factor: int) -> RequestOptions:
+    """Fill every `None` from the (resolved) engine config; validate the result against the model's `factor`."""
+    options.validate(factor)
     lo = options.min_pixels or config.min_pixels
     hi = options.max_pixels or config.max_pixels
     zlo = options.zoom_min_pixels or config.zoom_min_pixels or lo
     zhi = options.zoom_max_pixels or config.zoom_max_pixels or hi
     filled = replace(
         options,
-        gate_threshold=default_gate if options.gate_threshold is None else options.gate_threshold,
-        roi_threshold=default_roi if options.roi_threshold is None else options.roi_threshold,
+        gate_threshold=config.gate_threshold if options.gate_threshold is None else options.gate_threshold,
+        roi_threshold=config.roi_threshold if options.roi_threshold is None else options.roi_threshold,
         min_pixels=min(lo, hi),
         max_pixels=hi,
         zoom_min_pixels=min(zlo, zhi),
         zoom_max_pixels=zhi,
         max_new_tokens=options.max_new_tokens or config.max_new_tokens,
     )
-    return filled.validate()
+    return filled.validate(factor)
 
 
-def preresize(image: Image.Image) -> Image.Image:
-    """qwen-vl-utils style resize the reference applies before the processor (bicubic, multiples of 28)."""
-    h, w = smart_resize(image.height, image.width, PRERESIZE_MIN, PRERESIZE_MAX)
+def _preresize_bounds(factor: int) -> tuple[int, int]:
+    lo, hi = PRERESIZE_TOKENS
+    return lo * factor * factor, hi * factor * factor
+
+
+def preresize(image: Image.Image, factor: int) -> Image.Image:
+    """qwen-vl-utils style resize the reference applies before the processor (bicubic, multiples of `factor`)."""
+    h, w = smart_resize(image.height, image.width, *_preresize_bounds(factor), factor)
     if (w, h) == image.size:
         return image
     return image.resize((w, h), Image.Resampling.BICUBIC)
 
 
-def prepare(
-    request: Request, processor: Processor, config: EngineConfig, default_gate: float, default_roi: float
-) -> Prepared:
+def prepare(request: Request, processor: Processor, config: EngineConfig) -> Prepared:
+    """`config` must be resolved against the model (`LoadedModel.resolve`): no setting left `None`."""
     question = request.question
     if not isinstance(question, str) or not question.strip():
         raise InvalidInput("question is empty")
     if len(question) > config.max_question_chars:
         raise InvalidInput(f"question has {len(question)} characters; the limit is {config.max_question_chars}")
-    options = resolve_options(request.options, config, default_gate, default_roi)
-    original = load_image(request.image, config)
-    pixel_values, grid = processor.encode_image(preresize(original), options.min_pixels, options.max_pixels)
-    num_visual = int(grid[0].prod()) // (MERGE * MERGE)
+    options = resolve_options(request.options, config, processor.factor)
+    original = load_image(request.image, config, processor.factor)
+    pixel_values, grid = processor.encode_image(preresize(original, processor.factor), options.min_pixels,
+                                                options.max_pixels)
+    num_visual = int(grid[0].prod()) // (processor.merge_size**2)
     input_ids = processor.prompt_ids(question + options.prompt_suffix, num_visual)
     return Prepared(original=original, input_ids=input_ids, pixel_values=pixel_values, grid_thw=grid,
-                    options=options, image_id=request.image_id)
+                    options=options, patch_size=processor.patch_size, merge_size=processor.merge_size,
+                    image_id=request.image_id)
 
 
-def input_size_for(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+def input_size_for(width: int, height: int, min_pixels: int, max_pixels: int, factor: int) -> tuple[int, int]:
     """(width, height) of the model-input image for an original of this size (both resizes, no pixels)."""
-    h, w = smart_resize(height, width, PRERESIZE_MIN, PRERESIZE_MAX)
-    h, w = smart_resize(h, w, min_pixels, max_pixels)
+    h, w = smart_resize(height, width, *_preresize_bounds(factor), factor)
+    h, w = smart_resize(h, w, min_pixels, max_pixels, factor)
     return w, h

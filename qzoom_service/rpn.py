@@ -1,7 +1,8 @@
 """Stage 3: the SD-RPN map and map -> box (paper §3.2; reference `get_batched_sub_images_v2`, `get_bbox4src`).
 
-The map lives on the merged 28x28-pixel token grid of the coarse model-input image: cell (r, c) covers
-input pixels [28c, 28c+28) x [28r, 28r+28).
+The map lives on the merged-token grid of the coarse model-input image: with `factor` the merged-token
+side (patch_size x merge_size, 28 px on Qwen2.5-VL), cell (r, c) covers input pixels
+[factor*c, factor*(c+1)) x [factor*r, factor*(r+1)).
 """
 
 from __future__ import annotations
@@ -70,17 +71,17 @@ def cells_to_box(fg: torch.Tensor) -> tuple[int, int, int, int] | None:
     return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
 
 
-def cell_box_to_original(cell_box, merged_hw, original_size) -> tuple[int, int, int, int]:
-    """Merged-grid box -> original-image pixels, >= 28 px per side where the image allows.
+def cell_box_to_original(cell_box, merged_hw, original_size, *, factor: int) -> tuple[int, int, int, int]:
+    """Merged-grid box -> original-image pixels, >= `factor` px per side where the image allows.
 
-    Float32 as in the reference: cells x 28 -> model-input pixels -> x (original / input size).
+    Float32 as in the reference: cells x factor -> model-input pixels -> x (original / input size).
     """
     hm, wm = merged_hw
     w0, h0 = original_size
-    box = torch.tensor(cell_box, dtype=torch.float32) * 28.0
-    box[0::2] *= w0 / (28 * wm)
-    box[1::2] *= h0 / (28 * hm)
-    return grow_to_min_side(*box.tolist(), w0, h0)
+    box = torch.tensor(cell_box, dtype=torch.float32) * float(factor)
+    box[0::2] *= w0 / (factor * wm)
+    box[1::2] *= h0 / (factor * hm)
+    return grow_to_min_side(*box.tolist(), w0, h0, min_side=factor)
 
 
 def original_to_cell_box(box, merged_hw, original_size) -> tuple[int, int, int, int]:
@@ -95,9 +96,12 @@ def original_to_cell_box(box, merged_hw, original_size) -> tuple[int, int, int, 
     return cx0, cy0, cx1, cy1
 
 
-def map_to_box(prob: torch.Tensor, threshold: float, original_size, relative: bool = False):
-    """Probability map (Hm, Wm) -> (cell box, original-pixel box), or (None, None) when nothing is above threshold."""
+def map_to_box(prob: torch.Tensor, threshold: float, original_size, relative: bool = False, *, factor: int):
+    """Probability map (Hm, Wm) -> (cell box, original-pixel box), or (None, None) when nothing is above threshold.
+
+    `factor`: merged-token side in model-input pixels, also the smallest box side produced.
+    """
     cell_box = cells_to_box(foreground_cells(prob, threshold, relative))
     if cell_box is None:
         return None, None
-    return cell_box, cell_box_to_original(cell_box, tuple(prob.shape), original_size)
+    return cell_box, cell_box_to_original(cell_box, tuple(prob.shape), original_size, factor=factor)

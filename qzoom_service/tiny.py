@@ -3,17 +3,15 @@
 Used by tests and as the development default: no file from any hub is needed. The tokenizer is a
 byte-level BPE without merges (every UTF-8 byte is a token) plus the Qwen2.5-VL special tokens, and the
 chat template reproduces the Qwen2.5-VL layout with the default system prompt. `save_tiny` writes the
-released Q-Zoom checkpoint layout (4.51.3-era key names) so the real loading path is exercised.
+released Q-Zoom checkpoint layout (`released.save_released`) so the real loading path is exercised.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GenerationConfig,
@@ -25,8 +23,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from .heads import QZoomBranches
 from .preprocess import Processor
+from .released import CheckpointConfig, config_json_keys, read_config, save_released
 
-__all__ = ["TinySpec", "build_tiny", "save_tiny", "tiny_loaded", "CHAT_TEMPLATE", "SPECIAL_TOKENS"]
+__all__ = ["TinySpec", "build_tiny", "save_tiny", "tiny_checkpoint_config", "CHAT_TEMPLATE", "SPECIAL_TOKENS"]
+
+_PATCH, _MERGE = 14, 2  # Qwen2.5-VL's vision geometry, which the tiny models copy
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -71,16 +72,17 @@ class TinySpec:
     vision_hidden_size: int = 32
     vision_depth: int = 2
     vision_heads: int = 2
-    twig_K: int = 2
-    twig_T: int = 2
-    high_res_K: int = 2
-    high_res_T: int = 1
+    branch_layer: int = 2
+    rpn_depth: int = 2
+    gate_depth: int = 1
     reuse_src_pos: bool = True
     initializer_range: float = 0.2
     rope_theta: float = 100.0
     repetition_penalty: float = 1.05
-    min_pixels: int = 64 * 28 * 28
-    max_pixels: int = 144 * 28 * 28
+    patch_size: int = _PATCH
+    merge_size: int = _MERGE
+    min_pixels: int = 64 * (_PATCH * _MERGE) ** 2  # image processor budget: 64..144 merged tokens
+    max_pixels: int = 144 * (_PATCH * _MERGE) ** 2
 
 
 def _build_tokenizer() -> PreTrainedTokenizerFast:
@@ -139,8 +141,8 @@ def build_tiny(seed: int = 0, spec: TinySpec = TinySpec()):
             intermediate_size=2 * spec.vision_hidden_size,
             num_heads=spec.vision_heads,
             out_hidden_size=spec.hidden_size,
-            patch_size=14,
-            spatial_merge_size=2,
+            patch_size=spec.patch_size,
+            spatial_merge_size=spec.merge_size,
             temporal_patch_size=2,
             window_size=112,
             fullatt_block_indexes=[spec.vision_depth - 1],
@@ -152,17 +154,17 @@ def build_tiny(seed: int = 0, spec: TinySpec = TinySpec()):
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    for key, value in qzoom_config_keys(spec).items():
+    # The released config.json keys travel on the config, as they do for a loaded checkpoint.
+    for key, value in config_json_keys(tiny_checkpoint_config(spec)).items():
         setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).eval()
         branches = QZoomBranches.create(
             config.text_config,
-            twig_K=spec.twig_K,
-            twig_T=spec.twig_T,
-            gate_K=spec.high_res_K,
-            gate_T=spec.high_res_T,
+            branch_layer=spec.branch_layer,
+            rpn_depth=spec.rpn_depth,
+            gate_depth=spec.gate_depth,
         )
         # Initialise branch layers from the trunk, as stage 1 does, then perturb so tests can tell them apart.
         branches.init_from_trunk(model.model.language_model.layers)
@@ -176,88 +178,23 @@ def build_tiny(seed: int = 0, spec: TinySpec = TinySpec()):
     )
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
-        patch_size=14, merge_size=2, temporal_patch_size=2,
+        patch_size=spec.patch_size, merge_size=spec.merge_size, temporal_patch_size=2,
     )
     processor = Processor(tokenizer=tokenizer, image_processor=image_processor, chat_template=CHAT_TEMPLATE)
     model.qzoom = branches.eval()
     return model, processor
 
 
-def qzoom_config_keys(spec: TinySpec) -> dict:
-    """The Q-Zoom keys a released `config.json` carries (flat, 4.51.3 style)."""
-    return {
-        "enable_twig": True,
-        "twig_K": spec.twig_K,
-        "twig_T": spec.twig_T,
-        "roi_source": "qk",
-        "enable_high_res": True,
-        "high_res_K": spec.high_res_K,
-        "high_res_T": spec.high_res_T,
-        "high_res_thresh": 0.1,
-        "reuse_src_pos": spec.reuse_src_pos,
-    }
+def tiny_checkpoint_config(spec: TinySpec) -> CheckpointConfig:
+    """The Q-Zoom settings of a tiny model of this shape (default thresholds)."""
+    return CheckpointConfig(has_rpn=True, branch_layer=spec.branch_layer, rpn_depth=spec.rpn_depth,
+                            has_gate=True, gate_depth=spec.gate_depth, reuse_src_pos=spec.reuse_src_pos)
 
 
 def save_tiny(model, processor, out_dir: str | Path, *, layout: str = "4.51") -> Path:
-    """Write `model` (with `model.qzoom`) as a released Q-Zoom checkpoint directory.
+    """Write a `build_tiny` model (branches in `model.qzoom`) as a released Q-Zoom checkpoint directory.
 
-    `layout="4.51"` renames keys to the transformers 4.51.3 scheme the released checkpoints use
-    (`visual.*`, `model.layers.*`, `model.twig_layers.*`, ...); `layout="5.x"` keeps the 5.x prefixes
-    (`model.language_model.twig_layers.*`).
+    `layout="4.51"`: the transformers 4.51.3 names of the released checkpoints (`visual.*`,
+    `model.layers.*`, `model.twig_layers.*`, ...); `"5.x"`: the 5.x prefixes.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("qzoom.")}
-    branch_prefix = "model." if layout == "4.51" else "model.language_model."
-    for name, tensor in model.qzoom.released_state_dict().items():
-        state[branch_prefix + name] = tensor.contiguous()
-    if layout == "4.51":
-        state = {_to_451_key(k): v for k, v in state.items()}
-    for old in out.glob("model*.safetensors*"):
-        old.unlink()
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(qzoom_config_keys_from_branches(model.qzoom, getattr(model.config, "reuse_src_pos", False)))
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
-
-
-def qzoom_config_keys_from_branches(branches: QZoomBranches, reuse_src_pos: bool) -> dict:
-    keys = {
-        "enable_twig": branches.has_twig,
-        "roi_source": "qk",
-        "reuse_src_pos": bool(reuse_src_pos),
-        "enable_high_res": branches.has_gate,
-    }
-    if branches.has_twig:
-        keys.update(twig_K=branches.twig_K, twig_T=len(branches.twig_layers))
-    if branches.has_gate:
-        keys.update(high_res_K=branches.gate_K, high_res_T=len(branches.high_res_layers), high_res_thresh=0.1)
-    return keys
-
-
-def _to_451_key(key: str) -> str:
-    if key.startswith("model.visual."):
-        return key[len("model."):]
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    return key
-
-
-def tiny_loaded(seed: int = 0, spec: TinySpec = TinySpec()):
-    """A `LoadedModel` around `build_tiny(seed, spec)`, without touching the disk."""
-    from .model import LoadedModel
-
-    model, processor = build_tiny(seed, spec)
-    return LoadedModel(
-        model=model,
-        processor=processor,
-        branches=model.qzoom,
-        model_id=f"qzoom-tiny-random-seed{seed}",
-        revision="0",
-        reuse_src_pos=spec.reuse_src_pos,
-        default_gate_threshold=0.1,
-        default_roi_threshold=0.1,
-    )
+    return save_released(model, processor, model.qzoom, read_config(model.config.to_dict()), out_dir, layout=layout)

@@ -33,16 +33,19 @@ class Prepared:
     pixel_values: torch.Tensor  # (patches, C*t*p*p)
     grid_thw: torch.Tensor  # (1, 3) patch grid of the coarse image
     options: RequestOptions  # with every default filled in
+    patch_size: int  # pixels per patch side of the checkpoint's vision tower
+    merge_size: int  # patches per merged-token side
     image_id: str | None = None  # content hash, for the coarse-feature cache
 
     @property
     def merged_hw(self) -> tuple[int, int]:
-        return int(self.grid_thw[0, 1]) // 2, int(self.grid_thw[0, 2]) // 2
+        """(rows, cols) of the merged-token grid of the coarse image."""
+        return int(self.grid_thw[0, 1]) // self.merge_size, int(self.grid_thw[0, 2]) // self.merge_size
 
     @property
     def input_size(self) -> tuple[int, int]:
         """(width, height) in pixels of the model-input (resized) coarse image."""
-        return int(self.grid_thw[0, 2]) * 14, int(self.grid_thw[0, 1]) * 14
+        return int(self.grid_thw[0, 2]) * self.patch_size, int(self.grid_thw[0, 1]) * self.patch_size
 
 
 @dataclass
@@ -54,7 +57,7 @@ class CoarseState:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin (3-axis recomposed)
     h_k: torch.Tensor  # (1, L, D) residual stream after trunk layers 0..K-1
     cache: object  # DynamicCache holding layers 0..K-1 for all L tokens
-    k: int  # branch layer
+    branch_layer: int  # K: pass 1 ran trunk layers 0..K-1
     image_start: int  # sequence index of the first <|image_pad|>
     num_visual: int  # Nv merged tokens of the coarse image
 

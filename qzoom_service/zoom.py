@@ -31,10 +31,11 @@ class ZoomInput:
 def encode_crop(processor, original: Image.Image, box, min_pixels: int, max_pixels: int):
     """Crop the ORIGINAL image and run the image processor at the zoom budget.
 
-    Returns (pixel_values, grid_thw) or None when a crop side is below 28 px (the reference skips the RoI).
+    Returns (pixel_values, grid_thw) or None when a crop side is below one merged token (`processor.factor`
+    px, 28 on Qwen2.5-VL; the reference skips the RoI).
     """
     crop = original.crop(tuple(int(v) for v in box))
-    if crop.width < 28 or crop.height < 28:
+    if crop.width < processor.factor or crop.height < processor.factor:
         return None
     return processor.encode_image(crop, min_pixels, max_pixels)
 
@@ -114,7 +115,7 @@ def prefill_zoom(model, state: CoarseState, zin: ZoomInput):
     after the final norm (1, D), cache holding all layers for the fused sequence).
     """
     lm = model.model.language_model
-    k, p = state.k, zin.split
+    k, p = state.branch_layer, zin.split
     length = zin.embeds.shape[1]
     cache = truncated_cache(model, state.cache, k, p)
     cos, sin = lm.rotary_emb(zin.embeds, zin.positions)

@@ -44,6 +44,7 @@ from qzoom_service.config import TOKEN_PIXELS
 from qzoom_service.engine import QZoomEngine
 from qzoom_service.heads import QZoomBranches
 from qzoom_service.model import EMBEDDED_MODEL_DIR, LoadedModel, load_model
+from qzoom_service.released import CheckpointConfig
 from qzoom_service.synthetic import generate, make_sample, write_dataset
 from qzoom_service.tiny import TinySpec, build_tiny
 from qzoom_service.train.base import BoxLocator, make_example, save_base, train_base
@@ -60,7 +61,7 @@ log = logging.getLogger("train_embedded_model")
 TRAIN_SEED = 7  # synthetic scenes for training; `qzoom bench` defaults to other seeds (held out)
 SPEC = TinySpec(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, vision_hidden_size=96, vision_depth=3, vision_heads=3,
-                initializer_range=0.02, rope_theta=10000.0, twig_K=2, twig_T=2, high_res_K=2, high_res_T=1,
+                initializer_range=0.02, rope_theta=10000.0, branch_layer=2, rpn_depth=2, gate_depth=1,
                 reuse_src_pos=True, repetition_penalty=1.0)
 COARSE_TOKENS = 144  # the serving budget of the coarse view and of the zoom re-encode
 TRAIN_BUDGETS = (121, 144, 169)  # mild scale jitter around it
@@ -146,7 +147,7 @@ def phase_config(args, lr: float, steps: int, seed_offset: int) -> TrainConfig:
 
 def make_locator(loaded, args) -> BoxLocator:
     """A fresh `BoxLocator` on h_K (K = the branches' layer), foreground weighted like the twig's loss."""
-    return BoxLocator(loaded.model.config.text_config.hidden_size, SPEC.twig_K, args.locate_weight,
+    return BoxLocator(loaded.model.config.text_config.hidden_size, SPEC.branch_layer, args.locate_weight,
                       args.rpn_pos_weight)
 
 
@@ -154,7 +155,8 @@ def phases_a_b(work: Path, args) -> LoadedModel:
     model, processor = build_tiny(args.seed, SPEC)
     del model.qzoom  # the branches come from stages 1 and 3
     empty = QZoomBranches.create(model.config.text_config)
-    loaded = LoadedModel(model, processor, empty, "qzoom-synth-tiny-base", "0", SPEC.reuse_src_pos, 0.1, 0.1)
+    loaded = LoadedModel(model, processor, empty, "qzoom-synth-tiny-base", "0",
+                         CheckpointConfig(reuse_src_pos=SPEC.reuse_src_pos))
     stop = args.base_stop or args.base_steps
     phase_a = phase_config(args, args.base_lr, args.base_steps, 0)
     run_phase(loaded, work / "base", phase_a, stop, _BaseExampleFor(processor, "glyphs", 0.6), args)
@@ -229,7 +231,7 @@ def stage_rpn(work: Path, args) -> Path:
     held = samples[-args.rpn_holdout:]
     config = TrainConfig(lr=args.rpn_lr, batch_size=16, steps=args.rpn_steps, warmup=0.05, seed=args.seed,
                          save_every=50)
-    result = train_rpn(base, samples[: -args.rpn_holdout], config, K=SPEC.twig_K, T=SPEC.twig_T, out_dir=work / "rpn",
+    result = train_rpn(base, samples[: -args.rpn_holdout], config, K=SPEC.branch_layer, T=SPEC.rpn_depth, out_dir=work / "rpn",
                        resume=(work / "rpn" / "checkpoints").is_dir(), progress=True, pos_weight=args.rpn_pos_weight)
     report = {"teacher": teacher, "labels": "self-distilled" if use_teacher else "ground-truth boxes",
               "pos_weight": args.rpn_pos_weight,
@@ -244,7 +246,7 @@ def stage_gate(work: Path, args) -> Path:
     if (final / "config.json").is_file():
         log.info("gate: %s exists, skipped", final)
         return final
-    loaded = load_model(str(work / "rpn" / "model"), overrides={"roi_thresh": calibrate_roi(work, args)})
+    loaded = load_model(str(work / "rpn" / "model"), overrides={"roi_threshold": calibrate_roi(work, args)})
     ladder_dir = work / "data" / "ladders"
     if not (ladder_dir / "ladders.json").is_file():
         records = synthetic_records(work, "gate", args.gate_samples, 0.5, loaded.processor.tokenizer)

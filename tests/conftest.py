@@ -8,6 +8,7 @@ import pytest
 from qzoom_service.config import EngineConfig
 from qzoom_service.engine import QZoomEngine
 from qzoom_service.model import load_model
+from qzoom_service.released import CONFIG_KEYS
 from qzoom_service.tiny import build_tiny, save_tiny
 
 from .helpers import TINY_BUDGET
@@ -41,8 +42,7 @@ def plain_checkpoint(tmp_path_factory):
     state = {k: v for k, v in load_file(ckpt / "model.safetensors").items() if "twig" not in k and "high_res" not in k}
     save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((ckpt / "config.json").read_text())
-    for key in ("enable_twig", "twig_K", "twig_T", "enable_high_res", "high_res_K", "high_res_T", "reuse_src_pos",
-                "high_res_thresh", "roi_source"):
+    for key in CONFIG_KEYS:
         cfg.pop(key, None)
     (ckpt / "config.json").write_text(json.dumps(cfg))
     return ckpt

@@ -14,7 +14,10 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image, ImageDraw
 
-TINY_BUDGET = dict(min_pixels=64 * 28 * 28, max_pixels=144 * 28 * 28)
+from qzoom_service.tiny import TinySpec
+
+# The tiny models' own image-processor budget (64..144 merged tokens).
+TINY_BUDGET = dict(min_pixels=TinySpec.min_pixels, max_pixels=TinySpec.max_pixels)
 
 
 def make_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -86,7 +86,7 @@ class CoarseGate:
         self.api_keys = self.settings.api_keys()
         self.zoom = zoom_handle
         self.metrics = ServiceMetrics()
-        self._route_batch.set_max_batch_size(self.settings.max_batch_size)
+        self._route_batch.set_max_batch_size(self.settings.engine.max_batch_size)
         self._route_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         log.info("CoarseGate ready: model %s, cache %s, auth %s", self.engine.loaded.model_id,
                  self.cache.backend, "on" if self.api_keys else "off")
@@ -95,13 +95,14 @@ class CoarseGate:
 
     @rpc("UploadImageResponse")
     async def UploadImage(self, request, grpc_context=None):
-        image = load_image(request.image, self.config)  # validate before storing anything
+        image = load_image(request.image, self.config, self.engine.loaded.factor)  # validate before storing anything
         image_id = hashlib.sha256(request.image).hexdigest()
         stored = self.cache.put_image(image_id, request.image)
         already = not stored and self.cache.get_image(image_id) is not None
         if not stored and not already:
             raise Unavailable("the image store is unavailable; send the image inline with each request")
-        width, height = input_size_for(*image.size, self.config.min_pixels, self.config.max_pixels)
+        width, height = input_size_for(*image.size, self.config.min_pixels, self.config.max_pixels,
+                                       self.engine.loaded.factor)
         return pb.UploadImageResponse(image_id=image_id, width=image.width, height=image.height,
                                       input_width=width, input_height=height, already_stored=already)
 
@@ -120,7 +121,7 @@ class CoarseGate:
     @rpc("ZoomRegionResponse")
     async def ZoomRegion(self, request, grpc_context=None):
         data, image_id = self._image_bytes(request)
-        image = load_image(data, self.config)
+        image = load_image(data, self.config, self.engine.loaded.factor)
         size = image.size
         space = codec.space_name(request.space)
         if not request.HasField("box"):
@@ -132,7 +133,7 @@ class CoarseGate:
             box = to_original(box, space, size, self._input_size(size))
         # Snap float noise first: 500 of 1000 on 480 px maps to 239.99999999999997, which fit_crop_box's
         # truncation would turn into 239 (a crop one pixel taller than asked for).
-        box = fit_crop_box(tuple(round(v, 6) for v in box), size)
+        box = fit_crop_box(tuple(round(v, 6) for v in box), size, min_side=self.engine.loaded.factor)
         crop = image.crop(box)
         crop_id = self._remember_crop(image_id, box)
         response = pb.ZoomRegionResponse(
@@ -179,12 +180,14 @@ class CoarseGate:
         raise InvalidInput("set either image_id or image")
 
     def _input_size(self, original_size) -> tuple[int, int]:
-        return input_size_for(*original_size, self.config.min_pixels, self.config.max_pixels)
+        return input_size_for(*original_size, self.config.min_pixels, self.config.max_pixels,
+                              self.engine.loaded.factor)
 
     def _baseline_tokens(self, result) -> int:
         """Merged tokens of the original image at full resolution (capped at 16384, the model's limit)."""
-        w, h = input_size_for(*result.original_size, 4 * 784, 16384 * 784)
-        return (w // 28) * (h // 28)
+        f = self.engine.loaded.factor
+        w, h = input_size_for(*result.original_size, 4 * f * f, 16384 * f * f, f)
+        return (w // f) * (h // f)
 
     def _remember_crop(self, image_id: str, box) -> str:
         """Store the crop's handle; refuse a new crop past `max_crops_per_image` for this image.

@@ -35,6 +35,7 @@ from ..coarse import embed_prompt, rope_positions
 from ..config import TOKEN_PIXELS
 from ..errors import InvalidInput
 from ..preprocess import MERGE, preresize
+from ..released import BRANCH_KEYS
 from ..rpn import cell_box_to_original, original_to_cell_box
 from ..synthetic import stable_seed
 from ..zoom import encode_crop, splice_roi
@@ -62,7 +63,7 @@ def make_example(processor, image, question: str, answer: str, budget_tokens: in
     (original pixels), the crop over the grid cells that box touches, at the same budget. `locate_box`
     (original pixels) gives the `BoxLocator` its target cells."""
     pixels = budget_tokens * TOKEN_PIXELS
-    pixel_values, grid = processor.encode_image(preresize(image), pixels, pixels)
+    pixel_values, grid = processor.encode_image(preresize(image, processor.factor), pixels, pixels)
     hm, wm = int(grid[0, 1]) // MERGE, int(grid[0, 2]) // MERGE
     prompt = processor.prompt_ids(question, hm * wm)[0]
     end = processor.token_id("<|im_end|>")
@@ -71,7 +72,7 @@ def make_example(processor, image, question: str, answer: str, budget_tokens: in
     crop = None
     if zoom_box is not None:
         cell_box = original_to_cell_box(zoom_box, (hm, wm), image.size)
-        box = cell_box_to_original(cell_box, (hm, wm), image.size)
+        box = cell_box_to_original(cell_box, (hm, wm), image.size, factor=processor.factor)
         encoded = encode_crop(processor, image, box, pixels, pixels)
         if encoded is None:
             raise InvalidInput(f"zoom box {zoom_box} gives a crop under 28 px on {image.size}")
@@ -277,7 +278,7 @@ def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample],
         p.requires_grad_(True)
     batches = plan_batches(lambda epoch: list(range(pool)), config.batch_size, config.epochs, config.steps,
                            config.seed)
-    settings = {"role": "base", "pool": pool, "reuse_src_pos": loaded.reuse_src_pos,
+    settings = {"role": "base", "pool": pool, "reuse_src_pos": loaded.checkpoint.reuse_src_pos,
                 "plan": plan_digest(batches, lambda i: i)}
     if locator is not None:
         settings["locator"] = {"layer": locator.layer, "weight": locator.weight, "pos_weight": locator.pos_weight}
@@ -285,7 +286,7 @@ def train_base(loaded, example_for: Callable[[int, random.Random], BaseExample],
     exact = []
 
     def step(batch):
-        loss, hit = batch_loss(model, examples(batch), loaded.reuse_src_pos, locator)
+        loss, hit = batch_loss(model, examples(batch), loaded.checkpoint.reuse_src_pos, locator)
         loss.backward()
         exact.append(hit)
         return float(loss.detach())
@@ -326,10 +327,6 @@ def drop_branch_keys(config_json: Path) -> None:
     loader would otherwise ask for them."""
     cfg = json.loads(config_json.read_text())
     for holder in (cfg, cfg.get("text_config") or {}):
-        for key in BRANCH_CONFIG_KEYS:
+        for key in BRANCH_KEYS:
             holder.pop(key, None)
     config_json.write_text(json.dumps(cfg, indent=2))
-
-
-BRANCH_CONFIG_KEYS = ("enable_twig", "twig_K", "twig_T", "roi_source", "enable_high_res", "high_res_K",
-                      "high_res_T", "high_res_thresh", "roi_thresh")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..config import RequestOptions
 from ..errors import InvalidInput
+from ..released import CONFIG_KEYS
 from ..rpn import map_to_box, original_to_cell_box
 from ..synthetic import box_contains
 from ..types import Request
@@ -39,8 +40,8 @@ __all__ = ["ROI_THRESHOLDS", "BoxedQuestion", "RoiMap", "teacher_hit_rate", "tar
 Box = tuple[int, int, int, int]
 
 ROI_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
-# OUR checkpoint's config.json keys for the serving defaults (read by model.load_model).
-_THRESHOLD_KEYS = {"roi_threshold": "roi_thresh", "gate_threshold": "high_res_thresh"}
+# The config.json key of each serving default (`released.CONFIG_KEYS` maps keys to our field names).
+_THRESHOLD_KEYS = {field: key for key, field in CONFIG_KEYS.items() if field in ("roi_threshold", "gate_threshold")}
 
 
 def _target_cells(box, grid_hw: tuple[int, int], original_size: tuple[int, int], square_padded: bool) -> torch.Tensor:
@@ -95,6 +96,7 @@ class RoiMap:
     prob: torch.Tensor | None  # (Hm, Wm) probabilities; None: no usable RoI even at the lowest threshold
     image_size: tuple[int, int]  # (width, height) of the original image
     target_box: Box
+    factor: int  # the model's pixels per merged-token side
 
 
 def _one_box(value) -> bool:
@@ -121,7 +123,7 @@ def collect_roi_maps(engine, questions: Iterable, *, lowest_threshold: float, mi
     """Route each question (anything with `image`, `question`, `target_box`: a `BoxedQuestion`, a synthetic
     `Sample`) with the zoom forced and the RoI threshold at `lowest_threshold`, so a map comes back wherever
     any threshold tried afterwards could give a box. Pixel budgets: None = the engine's coarse budget."""
-    if not engine.branches.has_twig:
+    if not engine.branches.has_rpn:
         raise InvalidInput("the model has no trained SD-RPN (twig branch): train stage 1 before calibrating it")
     options = RequestOptions(mode="zoom", min_pixels=min_pixels, max_pixels=max_pixels,
                              roi_threshold=lowest_threshold)
@@ -129,7 +131,7 @@ def collect_roi_maps(engine, questions: Iterable, *, lowest_threshold: float, mi
     for q in tqdm(questions, desc="calibrate-roi", disable=not progress):
         plan = engine.route([Request(q.image, q.question, options)])[0]
         prob = torch.tensor(plan.roi_map) if plan.roi_map is not None else None
-        maps.append(RoiMap(prob, tuple(q.image.size), tuple(q.target_box)))
+        maps.append(RoiMap(prob, tuple(q.image.size), tuple(q.target_box), engine.loaded.factor))
     return maps
 
 
@@ -140,7 +142,7 @@ def roi_threshold_table(maps: list[RoiMap], thresholds=ROI_THRESHOLDS) -> list[d
     for t in thresholds:
         hits, areas = 0, []
         for m in maps:
-            box = map_to_box(m.prob, t, m.image_size)[1] if m.prob is not None else None
+            box = map_to_box(m.prob, t, m.image_size, factor=m.factor)[1] if m.prob is not None else None
             if box is not None:
                 hits += box_contains(box, m.target_box)
                 areas.append((box[2] - box[0]) * (box[3] - box[1]))

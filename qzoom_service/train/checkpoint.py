@@ -6,14 +6,15 @@ param groups, Python RNG, run settings). Every directory is written under a temp
 into place only when complete, so a run killed mid-save leaves a `.tmp-*` directory that is never taken
 for a checkpoint. No pickle anywhere.
 
-The final model is written by `tiny.save_tiny` (base weights + `model.twig_layers.*`,
-`model.high_res_layers.*`, `model.high_res_head.*` and the Q-Zoom config.json keys), so
-`qzoom_service.model.load_model` reads it exactly like an official checkpoint.
+The final model is written by `released.save_released` (base weights, branch tensors and the Q-Zoom
+config.json keys under their released names), so `qzoom_service.model.load_model` reads it exactly like
+an official checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import re
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, InvalidInput
-from ..tiny import save_tiny
+from ..released import DEFAULT_GATE_THRESHOLD, save_released
 
 __all__ = ["atomic_dir", "save_checkpoint", "latest_checkpoint", "load_checkpoint", "export_released"]
 
@@ -144,31 +145,14 @@ def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer) -> tuple
 def export_released(loaded, branches, out_dir: str | Path, *, gate_threshold: float | None = None) -> Path:
     """Write base model + `branches` as a released-layout Q-Zoom checkpoint directory (atomically).
 
-    Branch tensors are cast to the base model's dtype. `gate_threshold` sets `high_res_thresh`
-    (default: the loaded checkpoint's, else 0.1).
+    Branch tensors are cast to the base model's dtype. `gate_threshold` sets the exported gate threshold
+    (default: the loaded checkpoint's, else 0.1); the other Q-Zoom settings are the loaded checkpoint's.
     """
     model = loaded.model
     release = copy.deepcopy(branches).to(dtype=model.dtype, device=model.device)
-    previous = model._modules.get("qzoom")
-    had_reuse = hasattr(model.config, "reuse_src_pos")
-    old_reuse = getattr(model.config, "reuse_src_pos", None)
-    model.config.reuse_src_pos = loaded.reuse_src_pos
-    model.qzoom = release
-    try:
-        with atomic_dir(out_dir, "config.json") as tmp:
-            save_tiny(model, loaded.processor, tmp)
-            if release.has_gate:
-                cfg = json.loads((tmp / "config.json").read_text())
-                cfg["high_res_thresh"] = float(gate_threshold if gate_threshold is not None
-                                               else loaded.default_gate_threshold if loaded.branches.has_gate else 0.1)
-                (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    finally:
-        if previous is not None:
-            model.qzoom = previous
-        else:
-            del model.qzoom
-        if had_reuse:
-            model.config.reuse_src_pos = old_reuse
-        else:
-            delattr(model.config, "reuse_src_pos")
+    if gate_threshold is None:
+        gate_threshold = loaded.checkpoint.gate_threshold if loaded.branches.has_gate else DEFAULT_GATE_THRESHOLD
+    settings = dataclasses.replace(loaded.checkpoint, gate_threshold=float(gate_threshold))
+    with atomic_dir(out_dir, "config.json") as tmp:
+        save_released(model, loaded.processor, release, settings, tmp)
     return Path(out_dir)

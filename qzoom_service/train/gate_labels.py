@@ -182,7 +182,7 @@ def make_answer_ladders(loaded, records: list[Record], resolutions, *, prompt_su
     res = check_resolutions(resolutions)
     if not 0 <= zoom_top <= len(res):
         raise InvalidInput(f"zoom_top must be between 0 and {len(res)} (the ladder's length); got {zoom_top}")
-    if zoom_top and not loaded.branches.has_twig:
+    if zoom_top and not loaded.branches.has_rpn:
         raise InvalidInput("zoom_top needs a checkpoint with a trained SD-RPN (twig) branch: train stage 1 first")
     modes = ["direct"] * (len(res) - zoom_top) + ["zoom"] * zoom_top
     engine = QZoomEngine(loaded, EngineConfig(max_new_tokens=max_new_tokens, max_batch_size=len(res)))

@@ -47,11 +47,12 @@ def encode_at_budget(processor, image: Image.Image, question: str, tokens: int) 
     The fixed budget is how both training stages feed images (reference §1.2 and §3.3).
     """
     pixels = tokens * TOKEN_PIXELS
-    pixel_values, grid = processor.encode_image(preresize(image), pixels, pixels)
+    pixel_values, grid = processor.encode_image(preresize(image, processor.factor), pixels, pixels)
     num_visual = int(grid[0].prod()) // (MERGE * MERGE)
     input_ids = processor.prompt_ids(question, num_visual)
     return Prepared(original=image, input_ids=input_ids, pixel_values=pixel_values, grid_thw=grid,
-                    options=RequestOptions(min_pixels=pixels, max_pixels=pixels))
+                    options=RequestOptions(min_pixels=pixels, max_pixels=pixels), patch_size=processor.patch_size,
+                    merge_size=processor.merge_size)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..coarse import encode_images
-from ..config import TOKEN_PIXELS
+from ..config import QWEN25_VL_FACTOR, TOKEN_PIXELS
 from ..errors import InvalidInput
 from ..preprocess import input_size_for
 from ..rpn import blur3, cells_to_box
@@ -335,7 +335,7 @@ def rpn_samples_from_boxes(records: list[Record], *, token_budget: int = 576, pa
             raise InvalidInput(f"{r.where()}: box labels need a 'target_box' [x1, y1, x2, y2] key")
         size = image_size(r.image, r.where())
         frame = (padded_frame(size)[0],) * 2 if pad_square else size
-        w, h = input_size_for(*frame, token_budget * TOKEN_PIXELS, token_budget * TOKEN_PIXELS)
+        w, h = input_size_for(*frame, token_budget * TOKEN_PIXELS, token_budget * TOKEN_PIXELS, QWEN25_VL_FACTOR)
         out.append(RPNSample(r.uid, r.image, r.question, labels_from_boxes(box, (h // 28, w // 28), size,
                                                                           pad_square=pad_square, touched=touched),
                              size, token_budget, pad_square))

@@ -4,10 +4,10 @@ Both start from the frozen trunk's h_K (computed under no_grad, reference §2 "a
 trunk under no-grad") and train only their own branch, as float32 master weights (autocast to the
 model's dtype when that is not float32):
 
-- `train_rpn` (reference §2, §6.5): `twig_layers` initialised from base layers K..K+T-1; the map is
+- `train_rpn` (reference §2, §6.5): `rpn_layers` initialised from base layers K..K+T-1; the map is
   `QZoomBranches.rpn_logits` (mean over heads of the last prompt token's scaled q.k over the image
   tokens); loss = BCE-with-logits over every cell with label != -100, pooled over the batch.
-- `train_gate` (reference §3.4, §6.7): `high_res_layers` (from base layers K..K+T-1) + `high_res_head`
+- `train_gate` (reference §3.4, §6.7): `gate_layers` (from base layers K..K+T-1) + `gate_head`
   (default Linear init); loss = BCE-with-logits of the last prompt token's logit, ignored draws removed.
 
 The branch not being trained is carried over unchanged from the loaded checkpoint, so a stage-3 run on a
@@ -41,7 +41,7 @@ CALIBRATION_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 # Reference §0 defaults by decoder depth: Qwen2.5-VL-3B (36 layers) and -7B (28 layers).
 _KNOWN_SHAPES = {36: (24, 3), 28: (18, 3)}
-_PREFIX = {"twig": ("twig_layers.",), "gate": ("high_res_layers.", "high_res_head.")}
+_PREFIX = {"twig": ("rpn_layers.",), "gate": ("gate_layers.", "gate_head.")}
 
 
 def default_branch_shape(num_layers: int) -> tuple[int, int]:
@@ -58,9 +58,9 @@ def branch_shape(loaded, role: str, K: int | None = None, T: int | None = None) 
     b = loaded.branches
     n = loaded.model.config.text_config.num_hidden_layers
     if role == "twig":
-        own, other_k = ((b.twig_K, len(b.twig_layers)) if b.has_twig else None), b.gate_K
+        own, other_k = ((b.branch_layer, b.rpn_depth) if b.has_rpn else None), b.branch_layer if b.has_gate else None
     else:
-        own, other_k = ((b.gate_K, len(b.high_res_layers)) if b.has_gate else None), b.twig_K
+        own, other_k = ((b.branch_layer, b.gate_depth) if b.has_gate else None), b.branch_layer if b.has_rpn else None
     default_k, default_t = default_branch_shape(n)
     k = K if K is not None else own[0] if own else other_k if other_k is not None else default_k
     if T is not None:
@@ -80,15 +80,14 @@ def training_branches(loaded, role: str, K: int, T: int, *, init_from_trunk: boo
     if role not in _PREFIX:
         raise InvalidInput(f"role must be 'twig' or 'gate'; got {role!r}")
     old = loaded.branches
-    keep_other = old.has_gate if role == "twig" else old.has_twig
-    other_k = (old.gate_K if role == "twig" else old.twig_K) if keep_other else None
+    keep_other = old.has_gate if role == "twig" else old.has_rpn
+    other_k = old.branch_layer if keep_other else None
     if keep_other and other_k != K:
         raise InvalidInput(f"the checkpoint's other branch starts at layer {other_k}; both branches share one "
                            f"trunk prefix, so train with K={other_k}")
-    shape = dict(twig_K=K, twig_T=T) if role == "twig" else dict(gate_K=K, gate_T=T)
+    shape = dict(branch_layer=K, rpn_depth=T) if role == "twig" else dict(branch_layer=K, gate_depth=T)
     if keep_other:
-        shape |= dict(gate_K=old.gate_K, gate_T=len(old.high_res_layers)) if role == "twig" else \
-            dict(twig_K=old.twig_K, twig_T=len(old.twig_layers))
+        shape |= dict(gate_depth=old.gate_depth) if role == "twig" else dict(rpn_depth=old.rpn_depth)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = QZoomBranches.create(loaded.model.config.text_config, **shape)
@@ -107,7 +106,7 @@ def training_branches(loaded, role: str, K: int, T: int, *, init_from_trunk: boo
 
 def _trainable(branches: QZoomBranches, role: str) -> nn.ModuleDict:
     """The role's modules under their `QZoomBranches` names (so state dict keys match)."""
-    names = ["twig_layers"] if role == "twig" else ["high_res_layers", "high_res_head"]
+    names = ["rpn_layers"] if role == "twig" else ["gate_layers", "gate_head"]
     for p in branches.parameters():
         p.requires_grad_(False)
     part = nn.ModuleDict({n: getattr(branches, n) for n in names})
@@ -131,7 +130,7 @@ def rpn_map(loaded, branches: QZoomBranches, sample: RPNSample) -> torch.Tensor:
     image = open_image(sample.image, f"sample {sample.uid}")
     fed = square_pad(image) if sample.pad_square else image
     prepared = encode_at_budget(loaded.processor, fed, sample.question, sample.token_budget)
-    state = for_branch(trunk_state(loaded.model, prepared, branches.twig_K), _dtype(branches))
+    state = for_branch(trunk_state(loaded.model, prepared, branches.branch_layer), _dtype(branches))
     with _autocast(loaded.model):
         logits = roi_logits(branches, state, prepared.merged_hw).float()
     if tuple(logits.shape) != tuple(sample.labels.shape):
@@ -151,7 +150,7 @@ def _gate_forward(loaded, branches, item, suffix: str) -> torch.Tensor:
     ladder, res, _ = item
     image = open_image(ladder.image, f"sample {ladder.uid}")
     prepared = encode_at_budget(loaded.processor, image, ladder.question + suffix, res)
-    state = for_branch(trunk_state(loaded.model, prepared, branches.gate_K), _dtype(branches))
+    state = for_branch(trunk_state(loaded.model, prepared, branches.branch_layer), _dtype(branches))
     with _autocast(loaded.model):
         return gate_logit(branches, state)
 

@@ -38,7 +38,7 @@ def test_the_embedded_model_is_the_trained_one_within_size(engine):
     size = sum(f.stat().st_size for f in EMBEDDED_MODEL_DIR.iterdir())
     assert size <= 20 * 1024 * 1024
     assert engine.loaded.model_id == str(EMBEDDED_MODEL_DIR)
-    assert engine.branches.has_twig and engine.branches.has_gate
+    assert engine.branches.has_rpn and engine.branches.has_gate
     assert (EMBEDDED_MODEL_DIR / "README.md").is_file()
     # Its own serving defaults: the 144-token coarse budget it was trained at.
     assert engine.config.min_pixels == engine.config.max_pixels == 144 * TOKEN_PIXELS

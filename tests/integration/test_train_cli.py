@@ -40,7 +40,7 @@ def test_the_four_commands_chain_into_a_loadable_checkpoint(tiny_checkpoint, dat
                          "--save-every", 1, "--lr", 1e-3)
     assert code == 0 and info["steps"] == 2 and info["K"] == 2 and info["T"] == 2
     stage1 = tmp_path / "rpn" / "model"
-    assert load_model(str(stage1)).branches.has_twig
+    assert load_model(str(stage1)).branches.has_rpn
     assert sorted(p.name for p in (tmp_path / "rpn" / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
 
     code, info, _ = _run(capsys, "gate-labels", "--model", stage1, "--data", data, "--out", tmp_path / "lad",
@@ -59,7 +59,7 @@ def test_the_four_commands_chain_into_a_loadable_checkpoint(tiny_checkpoint, dat
                          "--steps", 1, "--batch-size", 4, "--gate-threshold", 0.2)
     assert code == 0 and info["role"] == "gate"
     final = load_model(info["model"])
-    assert final.branches.has_twig and final.branches.has_gate and final.default_gate_threshold == pytest.approx(0.2)
+    assert final.branches.has_rpn and final.branches.has_gate and final.checkpoint.gate_threshold == pytest.approx(0.2)
 
     # Without --gate-threshold the held-out table chooses it: the middle of the thresholds tied at the best.
     code = main(["train", "gate", "--model", str(stage1), "--data", str(tmp_path / "lad2"), "--out",

@@ -84,10 +84,10 @@ def test_fresh_rpn_branch_reproduces_base_eager_attention_at_layer_k_plus_t_minu
         base = out.attentions[k + t - 1][0, :, -1]  # (H, L)
         state = trunk_state(loaded.model, p, k)
         assert torch.equal(state.h_k, out.hidden_states[k])  # our no-grad trunk is the stock prefix
-        h = branches.twig_layers[0](state.h_k, attention_mask=_mask(state), position_embeddings=state.position_embeddings)
-        mine = torch.softmax(last_token_qk(branches.twig_layers[-1], h, state.position_embeddings), dim=-1)
+        h = branches.rpn_layers[0](state.h_k, attention_mask=_mask(state), position_embeddings=state.position_embeddings)
+        mine = torch.softmax(last_token_qk(branches.rpn_layers[-1], h, state.position_embeddings), dim=-1)
         assert torch.allclose(mine, base, atol=1e-6, rtol=0)
-        shifted = torch.softmax(last_token_qk(branches.twig_layers[0], state.h_k, state.position_embeddings), -1)
+        shifted = torch.softmax(last_token_qk(branches.rpn_layers[0], state.h_k, state.position_embeddings), -1)
         assert not torch.allclose(shifted, base, atol=1e-3)  # the layer-K copy does not: the check discriminates
 
 
@@ -137,7 +137,7 @@ def test_one_rpn_step_lowers_the_loss_and_moves_only_the_twig(tiny_loaded, rpn_s
     assert _same(trunk, _params(tiny_loaded.model)) and _same(old_branches, _params(tiny_loaded.branches))
     assert all(p.grad is None for p in tiny_loaded.model.parameters())
     new = _params(result.branches)
-    assert _same(new, old_branches, "high_res_") and not _same(new, _params(fresh), "twig_layers.")
+    assert _same(new, old_branches, "gate_") and not _same(new, _params(fresh), "rpn_layers.")
 
 
 def test_pos_weight_scales_the_foreground_terms_of_the_selective_bce(tiny_loaded, rpn_samples):
@@ -167,7 +167,7 @@ def test_one_gate_step_lowers_the_loss_and_moves_only_the_gate(tiny_loaded, gate
     assert after < before
     assert _same(trunk, _params(tiny_loaded.model)) and _same(old_branches, _params(tiny_loaded.branches))
     new = _params(result.branches)
-    assert _same(new, old_branches, "twig_layers.") and not _same(new, old_branches, "high_res_layers.")
+    assert _same(new, old_branches, "rpn_layers.") and not _same(new, old_branches, "gate_layers.")
 
 
 def test_gate_logit_is_the_engine_gate_score_before_its_sigmoid(tiny_loaded, records):
@@ -183,8 +183,8 @@ def test_trained_branches_export_in_the_released_layout_and_the_engine_runs(tiny
                                                                              records, tmp_path):
     rpn = train_rpn(tiny_loaded, rpn_samples, ONE_STEP, out_dir=tmp_path / "rpn")
     back = load_model(str(rpn.model_dir))
-    assert _same(_params(rpn.branches), _params(back.branches), "twig_layers.")
-    assert _same(_params(tiny_loaded.branches), _params(back.branches), "high_res_")
+    assert _same(_params(rpn.branches), _params(back.branches), "rpn_layers.")
+    assert _same(_params(tiny_loaded.branches), _params(back.branches), "gate_")
     engine = QZoomEngine(back, EngineConfig(max_new_tokens=3, **TINY_BUDGET))
     image = _image(records[0])
     result = engine.answer([Request(image, "What digit?", RequestOptions(mode="zoom", roi_threshold=0.0))])[0]
@@ -192,9 +192,9 @@ def test_trained_branches_export_in_the_released_layout_and_the_engine_runs(tiny
 
     gate = train_gate(back, gate_data, ONE_STEP, out_dir=tmp_path / "gate", gate_threshold=0.3)
     final = load_model(str(gate.model_dir))
-    assert _same(_params(gate.branches), _params(final.branches), "high_res_")
-    assert _same(_params(back.branches), _params(final.branches), "twig_layers.")  # stage 1 kept
-    assert final.default_gate_threshold == pytest.approx(0.3)
+    assert _same(_params(gate.branches), _params(final.branches), "gate_")
+    assert _same(_params(back.branches), _params(final.branches), "rpn_layers.")  # stage 1 kept
+    assert final.checkpoint.gate_threshold == pytest.approx(0.3)
     auto = QZoomEngine(final, EngineConfig(max_new_tokens=3, **TINY_BUDGET)).answer([Request(image, "What digit?")])[0]
     assert 0.0 <= auto.gate_score <= 1.0
 
@@ -203,8 +203,8 @@ def test_an_rpn_trained_on_plain_weights_loads_with_a_twig_only(plain_checkpoint
     plain = load_model(str(plain_checkpoint))
     result = train_rpn(plain, rpn_samples, ONE_STEP, out_dir=tmp_path / "plain")
     back = load_model(str(result.model_dir))
-    assert back.branches.has_twig and not back.branches.has_gate
-    assert (back.branches.twig_K, len(back.branches.twig_layers)) == (3, 1)  # round(0.64 x 4), min(3, 4 - 3)
+    assert back.branches.has_rpn and not back.branches.has_gate
+    assert (back.branches.branch_layer, back.branches.rpn_depth) == (3, 1)  # round(0.64 x 4), min(3, 4 - 3)
 
 
 def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(tiny_loaded, rpn_samples, tmp_path):
@@ -221,7 +221,7 @@ def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(tin
     resumed = train_rpn(tiny_loaded, rpn_samples, config, out_dir=tmp_path / "cut", resume=True)
     assert resumed.start_step == 2 and [s for s, _ in resumed.losses] == [3, 4]
     assert resumed.losses == full.losses[2:]
-    assert _same(_params(full.branches), _params(resumed.branches), "twig_layers.")
+    assert _same(_params(full.branches), _params(resumed.branches), "rpn_layers.")
 
     other = TrainConfig(lr=2e-3, batch_size=2, steps=4, warmup=0.25, save_every=2)
     with pytest.raises(CheckpointError, match="settings differ in config"):
@@ -300,7 +300,7 @@ def test_gate_calibration_table_matches_the_scores(tiny_loaded, gate_data):
 def _gate_score_logit(loaded, item):
     ladder, res, _ = item
     p = encode_at_budget(loaded.processor, open_image(ladder.image, "t"), ladder.question, res)
-    state = trunk_state(loaded.model, p, loaded.branches.gate_K)
+    state = trunk_state(loaded.model, p, loaded.branches.branch_layer)
     with torch.no_grad():
         return gate_logit(loaded.branches, state)
 

@@ -13,7 +13,7 @@ from qzoom_service.engine import QZoomEngine
 from qzoom_service.errors import ImageTooLarge, InvalidInput
 from qzoom_service.types import Request
 
-from ..helpers import make_image, png
+from ..helpers import TINY_BUDGET, make_image, png
 
 
 
@@ -28,8 +28,7 @@ def _claimed_size_png(width: int, height: int) -> bytes:
 @pytest.fixture()
 def spy_engine(tiny_loaded, monkeypatch):
     """An engine whose vision tower records calls, to prove validation happens before model work."""
-    engine = QZoomEngine(tiny_loaded, EngineConfig(max_image_pixels=2_000_000, max_new_tokens=4,
-                                                   min_pixels=64 * 784, max_pixels=144 * 784))
+    engine = QZoomEngine(tiny_loaded, EngineConfig(max_image_pixels=2_000_000, max_new_tokens=4, **TINY_BUDGET))
     calls = []
     original = type(engine.model.model.visual).forward
     monkeypatch.setattr(type(engine.model.model.visual), "forward",

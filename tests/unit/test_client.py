@@ -124,7 +124,7 @@ def test_cli_prints_the_documented_json(server, tmp_path, capsys):
        st.sampled_from(coords.SPACES))
 def test_client_coordinates_equal_the_servers(width, height, lo, extra, space):
     budget = (lo * 784, (lo + extra) * 784)
-    assert coords.input_size_for(width, height, *budget) == input_size_for(width, height, *budget)
+    assert coords.input_size_for(width, height, *budget) == input_size_for(width, height, *budget, 28)
     size, input_size = (width, height), coords.input_size_for(width, height, *budget)
     box = (0.1 * width, 0.2 * height, 0.7 * width, 0.9 * height)
     assert coords.from_original(box, space, size, input_size) == pytest.approx(

@@ -45,13 +45,14 @@ def test_gate_closed_answer_equals_stock_generate_token_for_token(engine, size, 
 def _zoom_input(engine, request, reuse):
     p = engine.prepare(request)
     (embeds,) = encode_images(engine.model, p.pixel_values, p.grid_thw)
-    state = prefill_to_k(engine.model, p, embeds, engine.loaded.prefix_k)
+    state = prefill_to_k(engine.model, p, embeds, engine.loaded.branch_layer)
     prob = torch.sigmoid(rpn.roi_logits(engine.branches, state, p.merged_hw).float())
     threshold = float(prob.median())  # roughly half the cells in the foreground: a non-trivial box
-    cell_box, box = rpn.map_to_box(prob, threshold, p.original.size)
-    pixel_values, grid = zoom.encode_crop(engine.processor, p.original, box, 64 * 784, 144 * 784)
+    cell_box, box = rpn.map_to_box(prob, threshold, p.original.size, factor=engine.loaded.factor)
+    token = engine.loaded.factor**2
+    pixel_values, grid = zoom.encode_crop(engine.processor, p.original, box, 64 * token, 144 * token)
     (roi,) = encode_images(engine.model, pixel_values, grid)
-    roi_hw = (int(grid[0, 1]) // 2, int(grid[0, 2]) // 2)
+    roi_hw = (int(grid[0, 1]) // p.merge_size, int(grid[0, 2]) // p.merge_size)
     return state, zoom.build_zoom_input(state, roi, p.merged_hw, roi_hw, cell_box, reuse)
 
 
@@ -81,7 +82,7 @@ def test_zoom_decode_continues_from_the_fused_cache(engine):
         pos = zin.positions[:, :, -1:] + 1
         h = x
         for layer in lm.layers:
-            h = layer(h, attention_mask=None, past_key_values=cache, use_cache=True,
+            h = layer(h, attention_mask=None, cache=cache, use_cache=True,
                       position_embeddings=lm.rotary_emb(x, pos))
         step = engine.model.lm_head(lm.norm(h[:, -1]))
         longer = zoom.ZoomInput(torch.cat([zin.embeds, x], 1), torch.cat([zin.positions, pos], 2), zin.split,
@@ -145,7 +146,7 @@ def test_left_padded_batch_prefill_equals_single_prefills(engine):
                 ((400, 300, "Short?"), (260, 700, "A much longer question about the picture?"), (640, 200, "Mid?"))]
     assert len({p.input_ids.shape[1] for p in prepared}) == 3  # really padded
     embeds = [encode_images(engine.model, p.pixel_values, p.grid_thw)[0] for p in prepared]
-    k = engine.loaded.prefix_k
+    k = engine.loaded.branch_layer
     with torch.inference_mode():
         batched = prefill_batch_to_k(engine.model, prepared, embeds, k)
         singles = [prefill_to_k(engine.model, p, e, k) for p, e in zip(prepared, embeds)]

@@ -37,10 +37,11 @@ def test_released_layout_loads_every_branch_weight(tmp_path, source, layout):
     prefix = "model.twig_layers.0." if layout == "4.51" else "model.language_model.twig_layers.0."
     assert any(k.startswith(prefix) for k in keys)
     assert ("visual.patch_embed.proj.weight" in keys) == (layout == "4.51")
+    assert not any("rpn_layers" in k or "gate_layers" in k or "gate_head" in k for k in keys)  # our names stay ours
     loaded = load_model(str(ckpt))
     _assert_same_weights(model, loaded)
-    assert loaded.branches.twig_K == 2 and len(loaded.branches.twig_layers) == 2
-    assert len(loaded.branches.high_res_layers) == 1 and loaded.reuse_src_pos is True
+    assert loaded.branches.branch_layer == 2 and loaded.branches.rpn_depth == 2
+    assert loaded.branches.gate_depth == 1 and loaded.checkpoint.reuse_src_pos is True
 
 
 def test_sharded_checkpoint_with_index_loads(tmp_path, source):
@@ -84,33 +85,46 @@ def test_config_keys_are_read_and_overridable(tmp_path, source):
     cfg.update(reuse_src_pos=False, high_res_thresh=0.37)
     (ckpt / "config.json").write_text(json.dumps(cfg))
     loaded = load_model(str(ckpt))
-    assert loaded.reuse_src_pos is False and loaded.default_gate_threshold == pytest.approx(0.37)
-    assert load_model(str(ckpt), overrides={"reuse_src_pos": True}).reuse_src_pos is True
+    assert loaded.checkpoint.reuse_src_pos is False and loaded.checkpoint.gate_threshold == pytest.approx(0.37)
+    assert load_model(str(ckpt), overrides={"reuse_src_pos": True}).checkpoint.reuse_src_pos is True
     with pytest.raises(CheckpointError, match="unexpected keys: twig_layers.1"):
-        load_model(str(ckpt), overrides={"twig_T": 1})
+        load_model(str(ckpt), overrides={"rpn_depth": 1})
+    with pytest.raises(CheckpointError, match="unknown checkpoint config overrides: twig_T"):
+        load_model(str(ckpt), overrides={"twig_T": 1})  # released names are not ours
 
 
 def test_checkpoint_serving_defaults_fill_an_unset_engine_config(tmp_path, source):
     """OUR config.json keys: the coarse budget and RoI threshold a checkpoint was trained for."""
-    from qzoom_service.config import TOKEN_PIXELS, EngineConfig
+    from qzoom_service.config import EngineConfig
     from qzoom_service.engine import QZoomEngine
 
     ckpt = save_tiny(*source, tmp_path / "defaults")
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg.update(coarse_min_pixels=100 * TOKEN_PIXELS, coarse_max_pixels=121 * TOKEN_PIXELS, roi_thresh=0.27)
+    token = 28 * 28  # the tiny model's pixels per merged token
+    cfg.update(coarse_min_pixels=100 * token, coarse_max_pixels=121 * token, roi_thresh=0.27)
     (ckpt / "config.json").write_text(json.dumps(cfg))
     loaded = load_model(str(ckpt))
-    assert loaded.default_roi_threshold == pytest.approx(0.27)
+    assert loaded.factor**2 == token and loaded.checkpoint.roi_threshold == pytest.approx(0.27)
     engine = QZoomEngine(loaded)
-    assert (engine.config.min_pixels, engine.config.max_pixels) == (100 * TOKEN_PIXELS, 121 * TOKEN_PIXELS)
-    assert engine.default_roi == pytest.approx(0.27)
-    explicit = QZoomEngine(loaded, EngineConfig(min_pixels=64 * TOKEN_PIXELS, max_pixels=81 * TOKEN_PIXELS))
-    assert (explicit.config.min_pixels, explicit.config.max_pixels) == (64 * TOKEN_PIXELS, 81 * TOKEN_PIXELS)
+    assert (engine.config.min_pixels, engine.config.max_pixels) == (100 * token, 121 * token)
+    assert engine.config.roi_threshold == pytest.approx(0.27)
+    assert engine.config.gate_threshold == pytest.approx(0.1) and engine.config.reuse_src_pos is True
+    explicit = QZoomEngine(loaded, EngineConfig(min_pixels=64 * token, max_pixels=81 * token, roi_threshold=0.5,
+                                                reuse_src_pos=False))
+    assert (explicit.config.min_pixels, explicit.config.max_pixels) == (64 * token, 81 * token)
+    assert explicit.config.roi_threshold == 0.5 and explicit.config.reuse_src_pos is False
     plain = QZoomEngine(load_model(str(save_tiny(*source, tmp_path / "none"))))
-    assert (plain.config.min_pixels, plain.config.max_pixels) == (256 * TOKEN_PIXELS, 576 * TOKEN_PIXELS)
+    assert (plain.config.min_pixels, plain.config.max_pixels) == (256 * token, 576 * token)
 
 
 def test_plain_qwen_weights_load_without_branches(plain_checkpoint):
     loaded = load_model(str(plain_checkpoint))
-    assert not loaded.branches.has_twig and not loaded.branches.has_gate
-    assert loaded.prefix_k == loaded.model.config.text_config.num_hidden_layers // 2
+    assert not loaded.branches.has_rpn and not loaded.branches.has_gate
+    assert loaded.branch_layer == loaded.model.config.text_config.num_hidden_layers // 2
+
+
+def test_missing_branch_key_in_the_5x_layout_fails_naming_it(tmp_path, source):
+    ckpt = save_tiny(*source, tmp_path / "missing5", layout="5.x")
+    _rewrite(ckpt, lambda s: s.pop("model.language_model.high_res_layers.0.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys: high_res_layers\.0\.mlp\.up_proj\.weight"):
+        load_model(str(ckpt))

@@ -12,6 +12,7 @@ from qzoom_service.synthetic import make_sample
 from qzoom_service.coarse import encode_images, prefill_to_k
 from qzoom_service.config import RequestOptions, TOKEN_PIXELS
 from qzoom_service.model import load_model
+from qzoom_service.released import CheckpointConfig
 from qzoom_service.rpn import cell_box_to_original, original_to_cell_box
 from qzoom_service.tiny import build_tiny
 from qzoom_service.train.base import (BoxLocator, _sequence, _vision, batch_loss, drop_branch_keys, make_example,
@@ -42,7 +43,7 @@ def test_fused_example_crops_the_cells_around_the_target(tiny, samples):
     fine, _ = samples
     ex = make_example(processor, fine.image, fine.question, fine.answer, BUDGET, fine.target_box)
     hw = (int(ex.grid_thw[0, 1]) // 2, int(ex.grid_thw[0, 2]) // 2)
-    box = cell_box_to_original(ex.crop[2], hw, fine.image.size)
+    box = cell_box_to_original(ex.crop[2], hw, fine.image.size, factor=processor.factor)
     t = fine.target_box
     assert box[0] <= t[0] and box[1] <= t[1] and t[2] <= box[2] and t[3] <= box[3]
     # Re-encoded at the coarse budget: the crop gets about as many tokens as the whole coarse view.
@@ -63,7 +64,8 @@ def test_training_sequence_is_the_engines_fused_sequence(tiny, samples, reuse_sr
     prompt_ids = ex.input_ids[: -ex.answer_len][None]
     pixels = BUDGET * TOKEN_PIXELS
     prepared = Prepared(fine.image, prompt_ids, ex.pixel_values, ex.grid_thw,
-                        RequestOptions(min_pixels=pixels, max_pixels=pixels))
+                        RequestOptions(min_pixels=pixels, max_pixels=pixels), processor.patch_size,
+                        processor.merge_size)
     (coarse_embeds,) = encode_images(model, ex.pixel_values, ex.grid_thw)
     (roi_embeds,) = encode_images(model, ex.crop[0], ex.crop[1])
     state = prefill_to_k(model, prepared, coarse_embeds, 1)
@@ -97,7 +99,8 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(samples, tmp_path):
     from qzoom_service.heads import QZoomBranches
     from qzoom_service.model import LoadedModel
 
-    loaded = LoadedModel(model, processor, QZoomBranches.create(model.config.text_config), "t", "0", True, 0.1, 0.1)
+    loaded = LoadedModel(model, processor, QZoomBranches.create(model.config.text_config), "t", "0",
+                         CheckpointConfig(reuse_src_pos=True))
     fine, coarse = samples
     fixed = [make_example(processor, fine.image, fine.question, fine.answer, BUDGET, fine.target_box),
              make_example(processor, coarse.image, coarse.question, coarse.answer, BUDGET)]
@@ -149,7 +152,8 @@ def _loaded_tiny(seed):
 
     model, processor = build_tiny(seed=seed)
     del model.qzoom
-    return LoadedModel(model, processor, QZoomBranches.create(model.config.text_config), "t", "0", True, 0.1, 0.1)
+    return LoadedModel(model, processor, QZoomBranches.create(model.config.text_config), "t", "0",
+                         CheckpointConfig(reuse_src_pos=True))
 
 
 def test_locator_loss_joins_the_answer_loss_and_training_lowers_it(samples, tmp_path):
@@ -196,12 +200,13 @@ def test_saved_base_loads_as_plain_weights(tiny, tmp_path):
     from qzoom_service.model import LoadedModel
 
     del model.qzoom
-    loaded = LoadedModel(model, processor, QZoomBranches.create(model.config.text_config), "t", "0", True, 0.1, 0.1)
+    loaded = LoadedModel(model, processor, QZoomBranches.create(model.config.text_config), "t", "0",
+                         CheckpointConfig(reuse_src_pos=True))
     out = save_base(loaded, tmp_path / "base")
     cfg = json.loads((out / "config.json").read_text())
     assert "twig_K" not in cfg and "enable_high_res" not in cfg
     back = load_model(str(out))
-    assert not back.branches.has_twig and not back.branches.has_gate
+    assert not back.branches.has_rpn and not back.branches.has_gate
     torch.testing.assert_close(back.model.lm_head.weight, model.lm_head.weight)
 
 

@@ -54,15 +54,15 @@ def _left_half() -> torch.Tensor:
 
 
 def test_roi_table_counts_contained_targets_over_every_question_and_measures_the_boxes():
-    maps = [RoiMap(_left_half(), (800, 800), (320, 300, 380, 360)),  # column 3
-            RoiMap(_left_half(), (800, 800), (420, 300, 480, 360)),  # column 4
-            RoiMap(None, (800, 800), (100, 100, 150, 150))]  # no RoI at all: a miss at every threshold
+    maps = [RoiMap(_left_half(), (800, 800), (320, 300, 380, 360), 28),  # column 3
+            RoiMap(_left_half(), (800, 800), (420, 300, 480, 360), 28),  # column 4
+            RoiMap(None, (800, 800), (100, 100, 150, 150), 28)]  # no RoI at all: a miss at every threshold
     table = roi_threshold_table(maps, (0.2, 0.5, 0.8))
     assert [r["threshold"] for r in table] == [0.2, 0.5, 0.8]
     assert [r["hit_rate"] for r in table] == pytest.approx([2 / 3, 1 / 3, 0.0])
     sides = [(w * 800) ** 0.5 for w in (500, 400, 300)]
     assert [r["mean_box_side"] for r in table] == pytest.approx(sides, rel=1e-4)
-    assert roi_threshold_table([RoiMap(None, (800, 800), (0, 0, 9, 9))], (0.5,))[0]["mean_box_side"] is None
+    assert roi_threshold_table([RoiMap(None, (800, 800), (0, 0, 9, 9), 28)], (0.5,))[0]["mean_box_side"] is None
 
 
 def test_roi_threshold_is_the_tightest_within_tolerance_of_the_best():

@@ -53,3 +53,31 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_without_a_zero_step():
 def test_train_config_rejects_bad_values(bad):
     with pytest.raises(InvalidInput, match="invalid training settings"):
         TrainConfig(**bad)
+
+
+def test_export_writes_the_released_layout_without_touching_the_live_model(tmp_path, tiny_loaded):
+    """The training export goes through released.py: the new branches under their released names, the loaded
+    checkpoint's other settings kept, the gate threshold set, and the live model left as it was."""
+    import copy
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from qzoom_service.model import load_model
+    from qzoom_service.train.checkpoint import export_released
+
+    branches = copy.deepcopy(tiny_loaded.branches)
+    with torch.no_grad():
+        branches.gate_head.bias.fill_(0.25)
+    config_before = tiny_loaded.model.config.to_dict()
+    out = export_released(tiny_loaded, branches, tmp_path / "model", gate_threshold=0.3)
+    assert not hasattr(tiny_loaded.model, "qzoom") and tiny_loaded.model.config.to_dict() == config_before
+    keys = load_file(out / "model.safetensors").keys()
+    assert "model.high_res_head.bias" in keys and "model.twig_layers.0.mlp.up_proj.weight" in keys
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["high_res_thresh"] == 0.3 and cfg["reuse_src_pos"] is tiny_loaded.checkpoint.reuse_src_pos
+    back = load_model(str(out))
+    assert back.checkpoint.gate_threshold == pytest.approx(0.3)
+    assert torch.equal(back.branches.gate_head.bias, torch.full((1,), 0.25))
+    assert torch.equal(back.branches.rpn_layers[1].mlp.up_proj.weight, branches.rpn_layers[1].mlp.up_proj.weight)

@@ -60,7 +60,7 @@ def _eager_image_attention(model, state, layer_index: int) -> torch.Tensor:
 def test_attention_map_divides_by_the_generic_prompt(plain_engine):
     from qzoom_service.coarse import encode_images, prefill_to_k
 
-    model, k = plain_engine.model, plain_engine.loaded.prefix_k
+    model, k = plain_engine.model, plain_engine.loaded.branch_layer
     p = plain_engine.prepare(Request(make_image(400, 300), "Where is the box?"))
     (emb,) = encode_images(model, p.pixel_values, p.grid_thw)
     state = prefill_to_k(model, p, emb, k)
