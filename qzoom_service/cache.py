@@ -10,7 +10,7 @@ Boundaries:
 - Values cross process boundaries only as bytes: features as one safetensors blob (no pickle, so a
   shared store cannot execute code in the server), images and blobs as given.
 - Keys carry everything that changes the features (model id and revision, pixel budget, dtype), so
-  two deployments of different models can share one Redis (serving.md 4.4, 7.3).
+  two deployments of different models can share one Redis.
 """
 
 from __future__ import annotations

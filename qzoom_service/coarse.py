@@ -1,4 +1,4 @@
-"""Stage 1: encode the coarse image and run trunk layers 0..K-1 with a KV cache (paper §3.1, ref. §2).
+"""Stage 1: encode the coarse image and run trunk layers 0..K-1 with a KV cache (paper §3.1).
 
 Works on the stock `Qwen2_5_VLForConditionalGeneration` through its public pieces: the vision tower,
 `get_rope_index`, `embed_tokens`, `rotary_emb` and the decoder layers. Positions are always passed

@@ -15,7 +15,11 @@ __all__ = [
 
 
 class QZoomError(Exception):
-    """Base class. `code` is a `grpc.StatusCode` name; `reason` a short machine-readable tag."""
+    """Base class. `code` is a `grpc.StatusCode` name; the status details are `message`.
+
+    `reason` is a short machine-readable tag per class; it is not sent to callers, logged or counted
+    (the ingress sends `code` and `message`; metrics count by `code`), so nothing reads it today.
+    """
 
     code = "INTERNAL"
     reason = "internal"

@@ -1,10 +1,10 @@
 """Stage 4: crop the original image, re-encode it, insert it after the coarse image and prefill again.
 
-Token layout (reference §7.1): `prefix .. coarse <|vision_end|>`, then `<|vision_start|> RoI tokens
-<|vision_end|>`, then the question and template tokens. Positions (§7.3) by one of two schemes:
-`reuse_src_pos=True` interpolates the RoI's (h, w) over the box's coarse coordinates (float, corner
-aligned); `False` places the RoI as a stock second image. Either way the prefix keeps its positions,
-which is what makes the layer 0..K-1 cache of the prefix reusable.
+Token layout (github.com/YuHengsss/Q-Zoom's `insert_sub_feat_v2`): `prefix .. coarse <|vision_end|>`,
+then `<|vision_start|> RoI tokens <|vision_end|>`, then the question and template tokens. Positions by
+one of two schemes: `reuse_src_pos=True` interpolates the RoI's (h, w) over the box's coarse coordinates
+(float, corner aligned); `False` places the RoI as a stock second image. Either way the prefix keeps its
+positions, which is what makes the layer 0..K-1 cache of the prefix reusable.
 """
 
 from __future__ import annotations

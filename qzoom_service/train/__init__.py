@@ -1,5 +1,5 @@
 """Training: the base model for models built from scratch, and the two small Q-Zoom branches
-(reference: shared/reference/qzoom-training.md).
+(paper arXiv 2604.06912; the reference implementation is github.com/YuHengsss/Q-Zoom).
 
 One module per role; import from them directly (this package imports nothing, so mounting the CLI
 stays cheap):

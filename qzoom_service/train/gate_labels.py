@@ -1,14 +1,16 @@
-"""Stage 3 labels for the dynamic gate: answer ladders, consistency filter, per-load label draw (reference §3).
+"""Stage 3 labels for the dynamic gate: answer ladders, consistency filter, per-load label draw, after
+the reference implementation's `FineGrainedMultiScaleDataset` (github.com/YuHengsss/Q-Zoom).
 
 1. `make_answer_ladders`: the model answers each question once per resolution of an explicit ascending
    ladder (in merged visual tokens; image at min = max = r x 28 x 28 pixels), plain direct decoding, no
-   RoI pass. The source ladder, prompt and decoding are UNKNOWN (reference §3.1); the ladder is
+   RoI pass. The source ladder, prompt and decoding are UNKNOWN (the reference's generator script is not
+   published); the ladder is
    therefore a required argument.
-2. `classify` (once, reference §3.2 `_filter_for_hard_cases`): drop unstable samples (the two highest
+2. `classify` (once, the reference's `_filter_for_hard_cases`): drop unstable samples (the two highest
    resolutions disagree), samples whose consensus contradicts the annotation, and non-monotone ones (a
    lower resolution right while a higher one is wrong); keep EASY (right everywhere) and HARD (only a
    prefix of the lowest resolutions wrong).
-3. `draw_label` (at every load, reference §3.3 `create_high_res_signal`): pick one non-top resolution
+3. `draw_label` (at every load, the reference's `create_high_res_signal`): pick one non-top resolution
    and a label, 1 = "the answer at this resolution is wrong: zoom", 0 = "this resolution suffices".
 """
 
@@ -40,12 +42,12 @@ _PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def normalize(text: str) -> str:
-    """Lower-case, delete ASCII punctuation, strip (reference §3.2 `norm`)."""
+    """Lower-case, delete ASCII punctuation, strip (the reference's `norm`)."""
     return text.lower().translate(_PUNCT).strip()
 
 
 def answers_match(a: str, b: str) -> bool:
-    """Containment either way after `normalize` (reference §3.2 `match`). OUR guard: an empty
+    """Containment either way after `normalize` (the reference's `match`). OUR guard: an empty
     normalised string matches nothing (in the reference "" is contained in every answer)."""
     a, b = normalize(a), normalize(b)
     return bool(a) and bool(b) and (a in b or b in a)
@@ -71,7 +73,7 @@ class LadderSet:
 
 
 def classify(ladder: Ladder, top_group: int = 2) -> str:
-    """'easy' | 'hard' | 'unstable' | 'wrong_at_top' | 'non_monotone' (reference §3.2).
+    """'easy' | 'hard' | 'unstable' | 'wrong_at_top' | 'non_monotone' (the reference's `_filter_for_hard_cases`).
 
     OUR deviation: the ground truth is normalised like the answers (the reference only lower-cases and
     strips it, so "3.5" never matched a normalised "35" and such samples were dropped).
@@ -89,7 +91,7 @@ def classify(ladder: Ladder, top_group: int = 2) -> str:
 
 
 def draw_label(ladder: Ladder, rng: random.Random, *, p_pos: float = 0.9, top_group: int = 2) -> tuple[int | None, int]:
-    """(resolution index, label) or (None, -100) (reference §3.3, strategy "default").
+    """(resolution index, label) or (None, -100) (the reference's `create_high_res_signal`, strategy "default").
 
     EASY: a uniform non-top resolution, label 0. HARD: with probability p_pos one of the LAST TWO wrong
     resolutions, label 1; otherwise a non-top resolution whose answer matches the consensus, label 0
@@ -124,7 +126,7 @@ class GateDataset:
     def from_ladders(cls, ladders: LadderSet | list[Ladder], *, seed: int = 0, easy_ratio: float = 1.0,
                      max_samples: int | None = None, p_pos: float = 0.9, top_group: int = 2) -> "GateDataset":
         """HARD + a seeded sample of min(#easy, easy_ratio x #hard) EASY (reference: unseeded 1:1), then,
-        with `max_samples`, a seeded shuffle truncated to that many (reference §3.2 `roi_samples`)."""
+        with `max_samples`, a seeded shuffle truncated to that many (the reference's `roi_samples`)."""
         suffix = ladders.settings.get("prompt_suffix", "") if isinstance(ladders, LadderSet) else ""
         pool = ladders.ladders if isinstance(ladders, LadderSet) else ladders
         kinds = {k: [] for k in ("easy", "hard", *DROP_KINDS)}

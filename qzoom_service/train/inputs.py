@@ -2,8 +2,8 @@
 
 Everything goes through the engine's own pieces (`preprocess.preresize`, `Processor.encode_image`,
 `Processor.prompt_ids`, `coarse.encode_images`, `coarse.prefill_to_k`), so a branch is trained on exactly
-the prompt layout, pixel pipeline and trunk states it sees at inference (reference §6.5: one chat
-template, with the model's system prompt, for training and inference).
+the prompt layout, pixel pipeline and trunk states it sees at inference (OUR choice: one chat
+template, with the model's system prompt, for both; the reference implementation trains without it).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from ..types import CoarseState, Prepared
 
 __all__ = ["PAD_COLOUR", "square_pad", "padded_frame", "encode_at_budget", "trunk_state", "for_branch"]
 
-PAD_COLOUR = (127, 127, 127)  # reference §1.2: `expand2square` fill
+PAD_COLOUR = (127, 127, 127)  # the reference's `expand2square` fill
 
 
 def square_pad(image: Image.Image, fill=PAD_COLOUR) -> Image.Image:
-    """Pad to a square with `fill`, content centred (LLaVA/Q-Zoom `expand2square`, reference §1.2)."""
+    """Pad to a square with `fill`, content centred (LLaVA/Q-Zoom `expand2square`)."""
     w, h = image.size
     if w == h:
         return image
@@ -44,7 +44,8 @@ def padded_frame(original_size: tuple[int, int]) -> tuple[int, int, int]:
 def encode_at_budget(processor, image: Image.Image, question: str, tokens: int) -> Prepared:
     """Tokenize the chat prompt and encode `image` at min = max = `tokens` x 28 x 28 pixels.
 
-    The fixed budget is how both training stages feed images (reference §1.2 and §3.3).
+    The fixed budget is how both training stages feed images (the reference's stage-1 script and its
+    `create_high_res_signal`).
     """
     pixels = tokens * TOKEN_PIXELS
     pixel_values, grid = processor.encode_image(preresize(image, processor.factor), pixels, pixels)
@@ -57,7 +58,7 @@ def encode_at_budget(processor, image: Image.Image, question: str, tokens: int) 
 
 @torch.no_grad()
 def trunk_state(model, prepared: Prepared, k: int) -> CoarseState:
-    """Frozen trunk: vision tower and text layers 0..k-1, under no_grad (reference §2: no gradient flows
+    """Frozen trunk: vision tower and text layers 0..k-1, under no_grad (no gradient flows
     into the trunk, so it need not be part of the autograd graph)."""
     (embeds,) = encode_images(model, prepared.pixel_values, prepared.grid_thw)
     return prefill_to_k(model, prepared, embeds, k)

@@ -1,8 +1,9 @@
 """The optimisation loop both stages share: AdamW, warm-up + cosine, grad clipping, resumable checkpoints.
 
-Reference §2 / §3.4 hyper-parameters are the `TrainConfig` defaults: AdamW lr 1e-4, betas (0.9, 0.999)
-(the scripts' HF default; the README says 0.98 — UNKNOWN which the paper used), weight decay 0, linear
-warm-up over 3 % of the steps then cosine to 0, max grad norm 1.0, effective batch 128, 1 epoch.
+The stage-1 / stage-3 hyper-parameters of the reference implementation (github.com/YuHengsss/Q-Zoom) are
+the `TrainConfig` defaults: AdamW lr 1e-4, betas (0.9, 0.999) (its scripts' HF default; its README says
+0.98 — UNKNOWN which the paper used), weight decay 0, linear warm-up over 3 % of the steps then cosine
+to 0, max grad norm 1.0, effective batch 128, 1 epoch.
 
 `fit` leaves the forward passes to the stage's step function. The branch stages (`train_heads.py`) run
 their batch one sample at a time and accumulate gradients, each sample's loss already divided by the

@@ -1,8 +1,11 @@
-"""Stage 1 labels for the SD-RPN: self-distilled pseudo labels (reference §1) or ground-truth boxes.
+"""Stage 1 labels for the SD-RPN: self-distilled pseudo labels or ground-truth boxes.
+
+"The reference" is the public reference implementation, github.com/YuHengsss/Q-Zoom (its raw maps come
+from `make_stage1_pseudo_labels.py`).
 
 Pseudo labels, as in Q-Zoom, are stored RAW (the grounding map G and the sink map S per sample) and
 turned into tri-state cell labels (FG 1 / BG 0 / ignore -100) when the training set is built, so the
-thresholds stay tunable (reference §1.5-1.6). Storage is one safetensors file plus one JSON file.
+thresholds stay tunable (as the reference's `ROITrainingDataset`). Storage: one safetensors + one JSON file.
 
 `labels_from_boxes` is a different, explicitly separate mode: labels from annotated boxes, for models
 whose own attention does not localise (e.g. a tiny random model). It is not part of the paper.
@@ -37,14 +40,14 @@ __all__ = ["HeadSet", "KNOWN_HEADS", "default_heads", "parse_heads", "teacher_pr
 IGNORE = -100
 FORMAT = "qzoom-rpn-pseudo-labels/1"
 SHORT_ANSWER = "Answer the question using a single word or phrase."
-# Reference §1.1 paraphrases the natural-mode grounding instruction; its exact wording is not in the spec.
+# Our wording of the reference's natural-mode grounding instruction (its `build_prompt`), not a copy of it.
 GROUNDING_INSTRUCTION = ("Locate the objects the question is about. Output one box per line as raw text "
                          "`x_min y_min x_max y_max label`, no JSON.")
 
 
 @dataclass(frozen=True)
 class HeadSet:
-    """(layer -> heads) used to aggregate attention; 0-based decoder layers (reference §1.3)."""
+    """(layer -> heads) used to aggregate attention; 0-based decoder layers (reference `get_head_config`)."""
 
     grounding: dict
     sink: dict = field(default_factory=dict)
@@ -53,7 +56,7 @@ class HeadSet:
         return set(self.grounding) | set(self.sink)
 
 
-# Reference §1.3 `get_head_config`, keyed by (decoder layers, attention heads): Qwen2.5-VL-3B, -7B.
+# The reference's `get_head_config` tables, keyed by (decoder layers, attention heads): Qwen2.5-VL-3B, -7B.
 KNOWN_HEADS = {
     (36, 16): {"textual": HeadSet({20: (1, 4), 22: (14,)}),
                "natural": HeadSet({21: (9, 11), 22: (0, 7)}, {8: (1, 13)})},
@@ -64,8 +67,8 @@ KNOWN_HEADS = {
 
 def default_heads(num_layers: int, num_heads: int, mode: str = "textual") -> HeadSet:
     """The Q-Zoom head table for Qwen2.5-VL-3B/7B; otherwise OUR heuristic (not the paper's):
-    every head of layers round(0.6 L) .. round(0.8 L) inclusive (half rounded up), no sink heads
-    (reference §6.3). How the paper picked its heads is UNKNOWN."""
+    every head of layers round(0.6 L) .. round(0.8 L) inclusive (half rounded up), no sink heads.
+    How the paper picked its heads is UNKNOWN."""
     if mode not in ("textual", "natural"):
         raise InvalidInput(f"mode must be 'textual' or 'natural'; got {mode!r}")
     known = KNOWN_HEADS.get((num_layers, num_heads))
@@ -92,7 +95,7 @@ def parse_heads(text: str, num_layers: int, num_heads: int) -> dict:
 
 
 def teacher_prompt(question: str, mode: str, short_prompt: bool = True) -> str:
-    """The prompt the teacher answers (reference §1.1): natural -> the short-answer suffix is replaced
+    """The prompt the teacher answers (reference `build_prompt`): natural -> the short-answer suffix is replaced
     by (or the question followed by) a grounding instruction; textual -> the question, minus the
     short-answer suffix when `short_prompt` is False."""
     if mode == "natural":
@@ -105,7 +108,7 @@ def teacher_prompt(question: str, mode: str, short_prompt: bool = True) -> str:
 
 @dataclass
 class PseudoLabel:
-    """Raw stage-1 maps of one sample: grounding G and sink S, both (gh, gw) float32 (reference §1.5)."""
+    """Raw stage-1 maps of one sample: grounding G and sink S, both (gh, gw) float32."""
 
     uid: str
     row: int
@@ -126,7 +129,7 @@ class PseudoLabelSet:
 
 
 def _aggregate(attn: dict, heads: dict, like: torch.Tensor) -> torch.Tensor:
-    """Equal-weight mean over the listed (layer, head) pairs (reference §1.3 `aggregate_attention`)."""
+    """Equal-weight mean over the listed (layer, head) pairs (the reference's `aggregate_attention`)."""
     pairs = [attn[layer][h] for layer, hs in sorted(heads.items()) for h in hs]
     return torch.stack(pairs).mean(0) if pairs else torch.zeros_like(like)
 
@@ -135,7 +138,7 @@ def make_pseudo_labels(loaded, records: list[Record], *, heads: HeadSet | None =
                        short_prompt: bool = True, token_budget: int = 576, pad_square: bool = True,
                        max_new_tokens: int = 128, answer_source: str = "generate",
                        progress: bool = False) -> PseudoLabelSet:
-    """Teacher run over `records` (reference §1.2-1.3, §6.3). A record's own `mode` key wins over `mode`;
+    """Teacher run over `records` (see `teacher.py`). A record's own `mode` key wins over `mode`;
     without explicit `heads`, each mode gets `default_heads` for that mode (the tables differ per mode).
 
     answer_source: 'generate' (the teacher's greedy answer, as Q-Zoom) or 'dataset' (teacher-force the
@@ -217,7 +220,7 @@ def load_pseudo_labels(path: str | Path) -> PseudoLabelSet:
 
 
 def padding_cells(grid: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
-    """Bool (gh, gw): cells covering the grey square padding (reference §1.4 `get_foreground_mask`):
+    """Bool (gh, gw): cells covering the grey square padding (the reference's `get_foreground_mask`):
     the longer side fills the grid, the shorter spans int(short / long * n) cells, centred."""
     gh, gw = grid
     w, h = original_size
@@ -232,7 +235,7 @@ def padding_cells(grid: tuple[int, int], original_size: tuple[int, int]) -> torc
 def tri_state_labels(grounding: torch.Tensor, sink: torch.Tensor | None, original_size, *, fg_ratio=0.25,
                      bg_ratio=0.05, sink_thresh=1e-2, max_box_frac=0.5, min_peak=5e-3, blur=3, pad_is_bg=True,
                      square_padded=True) -> torch.Tensor:
-    """FG 1 / BG 0 / ignore -100 per cell from raw maps, exactly reference §1.6 `create_pseudo_labels`
+    """FG 1 / BG 0 / ignore -100 per cell from raw maps, exactly the reference's `create_pseudo_labels`
     with the Stage-1 script values as defaults. blur: 3 (Gaussian 3x3, sigma 1) or 0 (SD-RPN LLaVA)."""
     if blur not in (0, 3):
         raise InvalidInput(f"blur must be 3 (Gaussian 3x3) or 0 (none); got {blur}")

@@ -1,9 +1,10 @@
-"""The stage-1 teacher: the model's own greedy answer and its answer-to-image attention (reference §1.2-1.3).
+"""The stage-1 teacher: the model's own greedy answer and its answer-to-image attention.
 
-Q-Zoom hooks every decoder layer during `generate` and keeps, for each decode step, the attention row
-of the token fed back (answer tokens y_1 .. y_{n-1}; the last generated token is never fed back). A
+The reference implementation (github.com/YuHengsss/Q-Zoom, `get_attn_weights_map`) hooks every decoder
+layer during `generate` and keeps, for each decode step, the attention row of the token fed back (answer
+tokens y_1 .. y_{n-1}; the last generated token is never fed back). A
 teacher-forced pass over prompt + y_1..y_{n-1} gives the same rows (causal attention, same prefix), so
-that is what runs here (reference §6.3). The probabilities are recomputed from each layer's input with
+that is what runs here. The probabilities are recomputed from each layer's input with
 `heads.last_token_qk` (softmax over every key, not renormalised over the image), which works whatever
 attention implementation the model was loaded with.
 """
@@ -23,7 +24,7 @@ __all__ = ["greedy_answer_ids", "answer_attention"]
 @torch.no_grad()
 def greedy_answer_ids(model, prepared: Prepared, image_embeds: torch.Tensor, max_new_tokens: int) -> list[int]:
     """The teacher's answer: greedy decoding with the checkpoint's generation_config (eos, repetition
-    penalty), no RoI pass. Sampling settings of the reference teacher are UNKNOWN (reference §1.2)."""
+    penalty), no RoI pass. Sampling settings of the reference teacher are UNKNOWN."""
     num_layers = model.config.text_config.num_hidden_layers
     state = prefill_to_k(model, prepared, image_embeds, num_layers)
     hidden = finish_prefill(model, state)
@@ -35,7 +36,7 @@ def answer_attention(model, prepared: Prepared, answer_ids: list[int], layers, i
     """Attention of answer tokens y_1..y_{n-1} to the image tokens, averaged over those rows.
 
     answer_ids: y_1..y_n (n >= 2). Returns {layer: (H, Nv) float32} for each requested layer (0-based),
-    the values being softmax probabilities over the whole sequence (reference §1.3 `output2images`).
+    the values being softmax probabilities over the whole sequence (the reference's `output2images`).
     """
     if len(answer_ids) < 2:
         raise ValueError("need at least two answer tokens: the last one is never fed back")

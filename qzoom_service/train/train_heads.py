@@ -1,13 +1,13 @@
 """Train the two small branches on a frozen Qwen2.5-VL: the SD-RPN twig (stage 1) and the gate (stage 3).
 
-Both start from the frozen trunk's h_K (computed under no_grad, reference §2 "a rebuild can run the
-trunk under no-grad") and train only their own branch, as float32 master weights (autocast to the
+Both start from the frozen trunk's h_K (computed under no_grad: nothing upstream of the
+branches trains) and train only their own branch, as float32 master weights (autocast to the
 model's dtype when that is not float32):
 
-- `train_rpn` (reference §2, §6.5): `rpn_layers` initialised from base layers K..K+T-1; the map is
+- `train_rpn` (Q-Zoom stage 1): `rpn_layers` initialised from base layers K..K+T-1; the map is
   `QZoomBranches.rpn_logits` (mean over heads of the last prompt token's scaled q.k over the image
   tokens); loss = BCE-with-logits over every cell with label != -100, pooled over the batch.
-- `train_gate` (reference §3.4, §6.7): `gate_layers` (from base layers K..K+T-1) + `gate_head`
+- `train_gate` (Q-Zoom stage 3): `gate_layers` (from base layers K..K+T-1) + `gate_head`
   (default Linear init); loss = BCE-with-logits of the last prompt token's logit, ignored draws removed.
 
 The branch not being trained is carried over unchanged from the loaded checkpoint, so a stage-3 run on a
@@ -39,7 +39,7 @@ __all__ = ["default_branch_shape", "branch_shape", "training_branches", "rpn_map
 
 CALIBRATION_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
-# Reference §0 defaults by decoder depth: Qwen2.5-VL-3B (36 layers) and -7B (28 layers).
+# The (K, T) defaults of github.com/YuHengsss/Q-Zoom's README: Qwen2.5-VL-3B (36 layers) and -7B (28 layers).
 _KNOWN_SHAPES = {36: (24, 3), 28: (18, 3)}
 _PREFIX = {"twig": ("rpn_layers.",), "gate": ("gate_layers.", "gate_head.")}
 
@@ -126,7 +126,7 @@ def _autocast(model):
 
 def rpn_map(loaded, branches: QZoomBranches, sample: RPNSample) -> torch.Tensor:
     """Raw SD-RPN logits (gh, gw) for one sample, bilinearly resized to its label grid if the encoded grid
-    differs (reference §2). Gradients reach only the twig branch."""
+    differs (as the reference does). Gradients reach only the twig branch."""
     image = open_image(sample.image, f"sample {sample.uid}")
     fed = square_pad(image) if sample.pad_square else image
     prepared = encode_at_budget(loaded.processor, fed, sample.question, sample.token_budget)
@@ -225,7 +225,8 @@ def train_gate(loaded, dataset: GateDataset, config: TrainConfig = TrainConfig()
                T: int | None = None, init_from_trunk: bool = True, out_dir: str | Path | None = None,
                resume: bool = False, progress: bool = False, callback=None, prompt_suffix: str | None = None,
                gate_threshold: float | None = None) -> TrainResult:
-    """Stage 3: train the gate branch on `dataset` (labels re-drawn every epoch, reference §3.3).
+    """Stage 3: train the gate branch on `dataset` (labels re-drawn every epoch, as the reference's
+    `create_high_res_signal` does at every fetch).
 
     `prompt_suffix` defaults to the one the ladders were answered with; `gate_threshold` is written to
     the exported config as `high_res_thresh`. Other arguments as in `train_rpn`.
@@ -259,7 +260,7 @@ def _run(loaded, branches, role, batches, step_fn, config, settings, out_dir, re
 
 @torch.no_grad()
 def evaluate_rpn(loaded, samples: list[RPNSample], branches: QZoomBranches | None = None) -> dict:
-    """Pooled selective BCE and FG / BG cell accuracy (logit > 0) on `samples` (reference §6.5)."""
+    """Pooled selective BCE and FG / BG cell accuracy (logit > 0) on `samples`."""
     return _rpn_batch(loaded, loaded.branches if branches is None else branches, list(samples), backward=False)
 
 

@@ -35,7 +35,8 @@ def test_the_scripted_agent_zooms_twice_asks_and_answers(qzoom_serve):
 
 
 def test_the_readme_command_runs_as_written(qzoom_serve):
-    section = ROOT.joinpath("README.md").read_text().split("## Agent tools", 1)[1].split("\n## ", 1)[0]
+    readme = ROOT.joinpath("clients", "python", "README.md").read_text()
+    section = readme.split("## Agent tools", 1)[1].split("\n## ", 1)[0]
     (command,) = re.findall(r"^(\.venv/bin/python clients/examples/agent_loop\.py .*)$", section, flags=re.M)
     args = shlex.split(command.split("#")[0].replace("127.0.0.1:9000", qzoom_serve))
     out = _run([sys.executable] + args[1:])

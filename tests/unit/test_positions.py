@@ -1,4 +1,4 @@
-"""Both RoI position schemes on the reference's worked example (qzoom-inference.md §7.3), and the
+"""Both RoI position schemes on a worked example (7B prompt, coarse grid 36x48, a 14x14 RoI), and the
 standard scheme against stock `get_rope_index` on a real two-image sequence."""
 
 from __future__ import annotations
