@@ -7,6 +7,7 @@ import logging
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 
@@ -210,3 +211,29 @@ def test_cache_recovers_after_redis_restarts():
             if proc.poll() is None:
                 proc.kill()
             proc.wait(5)
+
+
+def test_count_within_limit_is_one_atomic_step_on_redis(prefix, raw):
+    caches = [RedisCache(REDIS_URL, prefix=prefix, ttl_s=600) for _ in range(4)]  # four "replicas"
+    barrier = threading.Barrier(16)
+    granted = []
+
+    def work(i):
+        barrier.wait()
+        granted.extend(caches[i % 4].count_within_limit("crops:img", 30) for _ in range(8))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert granted.count(True) == 30 and len(granted) == 128
+    assert raw.get(f"{prefix}count:crops:img") == b"30"
+    assert 0 < raw.ttl(f"{prefix}count:crops:img") <= 600
+    assert caches[0].count_within_limit("crops:other", 30) is True
+
+
+def test_count_within_limit_fails_open_when_redis_is_down():
+    cache = RedisCache(f"redis://127.0.0.1:{_free_port()}/0", socket_timeout=0.2)
+    assert cache.count_within_limit("crops:img", 1) is True and cache.count_within_limit("crops:img", 1) is True
+    assert cache.stats()["errors"] == 2
