@@ -3,6 +3,8 @@
 Boxes are [x1, y1, x2, y2], origin top-left, pixel boxes end-exclusive. Spaces: `original` (pixels of
 the original image), `input` (pixels of the model-input image: Qwen2.5-VL's resize at the server's default
 coarse budget), `norm1000` (0-1000 per axis, as Qwen3-VL emits), `norm1` (0-1 per axis).
+
+The one home of these conversions: the server imports this module too.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
     return h, w
 
 
-def input_size_for(width: int, height: int, min_pixels: int = 256 * 784, max_pixels: int = 576 * 784):
+def input_size_for(width: int, height: int, min_pixels: int = 256 * 784, max_pixels: int = 576 * 784,
+                   factor: int = _FACTOR):
     """(width, height) of the model-input image the server derives from an original of this size.
 
-    Two resizes, as the server does: a pre-resize to multiples of 28 (4..16384 tokens), then the budget.
+    Two resizes, as the server does: a pre-resize to multiples of `factor` (4..16384 tokens), then the
+    budget. `factor`: pixels per merged token side, the model's patch size times its merge size.
     """
-    h, w = smart_resize(height, width, 4 * 784, 16384 * 784)
-    h, w = smart_resize(h, w, min_pixels, max_pixels)
+    h, w = smart_resize(height, width, 4 * factor * factor, 16384 * factor * factor, factor)
+    h, w = smart_resize(h, w, min_pixels, max_pixels, factor)
     return w, h
 
 
