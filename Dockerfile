@@ -26,14 +26,17 @@ WORKDIR /home/ray
 
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 
-# Install the package itself (not editable): the generated gRPC code in qzoom_service/_proto is then
-# importable by the Serve proxies on every node. Sources are removed after the install.
+# Install the packages themselves (not editable): qzoom-client, which holds the one copy of the generated
+# gRPC code (importable by the Serve proxies on every node), then qzoom-service, which depends on it.
+# Sources are removed after the install.
 COPY --chown=1000:100 pyproject.toml README.md /tmp/qzoom-src/
 COPY --chown=1000:100 qzoom_service /tmp/qzoom-src/qzoom_service
-RUN pip install /tmp/qzoom-src \
+COPY --chown=1000:100 clients/python/pyproject.toml clients/python/README.md /tmp/qzoom-src/clients/python/
+COPY --chown=1000:100 clients/python/qzoom_client /tmp/qzoom-src/clients/python/qzoom_client
+RUN pip install /tmp/qzoom-src/clients/python /tmp/qzoom-src \
     && rm -rf /tmp/qzoom-src \
     && mkdir -p "$HF_HOME" \
-    && python -c "import qzoom_service._proto.qzoom.v1.qzoom_pb2_grpc, qzoom_service.serve.app"
+    && python -c "import qzoom_client._proto.qzoom.v1.qzoom_pb2_grpc, qzoom_service.serve.app"
 
 # Ray GCS, Serve HTTP (KubeRay's readiness probe), Serve gRPC, dashboard, Ray client, metrics.
 EXPOSE 6379 8000 9000 8265 10001 8080

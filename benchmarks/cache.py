@@ -18,8 +18,8 @@ from pathlib import Path
 
 import grpc
 
-from qzoom_service._proto.qzoom.v1 import qzoom_pb2 as pb
-from qzoom_service._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
+from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
+from qzoom_client._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from service_overhead import demo_png, percentiles, start_service  # noqa: E402  (sibling script)

@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 from PIL import Image, ImageDraw
 
-from qzoom_service._proto.qzoom.v1 import qzoom_pb2 as pb
-from qzoom_service._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
+from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
+from qzoom_client._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
 from qzoom_service.config import EngineConfig, RequestOptions
 from qzoom_service.engine import QZoomEngine
 from qzoom_service.model import load_for_config

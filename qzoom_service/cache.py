@@ -2,7 +2,8 @@
 
 What is cached: the original image bytes under their sha256 (`UploadImage` handles), the coarse view's
 merged visual embeddings and patch grid (the vision tower's output, so a repeated question or a
-`ZoomRegion` on a known image skips the encoder), and small auxiliary records (crop handles as JSON).
+`ZoomRegion` on a known image skips the encoder), small auxiliary records (crop handles as JSON) and
+capped counters (the per-image crop quota), counted atomically.
 
 Boundaries:
 - A cache is never on the request's critical path for correctness: every failure (Redis down, slow,
@@ -116,6 +117,12 @@ class FeatureCache(Protocol):
     def get_features(self, key: FeatureKey) -> CoarseFeatures | None: ...
     def put_blob(self, key: str, data: bytes) -> None: ...
     def get_blob(self, key: str) -> bytes | None: ...
+
+    def count_within_limit(self, key: str, limit: int) -> bool:
+        """Add one to the counter `key` unless it has reached `limit`, in one atomic step; False at the
+        limit. Fail-open like every other operation: True when the store cannot count."""
+        ...
+
     def ping(self) -> bool: ...
     def stats(self) -> dict: ...
 
@@ -162,7 +169,7 @@ class InProcessCache:
         self.max_bytes, self.ttl_s, self._clock = max_bytes, ttl_s, clock
         self._entries: OrderedDict[str, tuple[object, int, float]] = OrderedDict()  # key -> (value, nbytes, expires_at)
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by count_within_limit's read-then-_put
         self._stats = _Stats(self.backend)
 
     def _get(self, key: str, kind: str):
@@ -211,6 +218,17 @@ class InProcessCache:
     def get_blob(self, key: str) -> bytes | None:
         return self._get(f"blob:{key}", "blob")
 
+    def count_within_limit(self, key: str, limit: int) -> bool:
+        entry_key = f"count:{key}"
+        with self._lock:
+            entry = self._entries.get(entry_key)
+            count = entry[0] if entry is not None and entry[2] > self._clock() else 0
+            if count >= limit:
+                return False
+            # Each increment restarts the TTL, as a rewritten blob would.
+            self._put(entry_key, count + 1, 8)
+        return True
+
     def ping(self) -> bool:
         return True
 
@@ -233,6 +251,15 @@ class RedisCache:
 
     backend = "redis"
     _LOG_EVERY_S = 30.0
+    # Check and increment in one server-side step, so concurrent replicas never count past the limit.
+    # ARGV: limit, TTL in seconds ('' = none). Returns 1 when counted, 0 at the limit.
+    _COUNT_WITHIN_LIMIT = """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+if ARGV[2] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "qzoom:", ttl_s: int | None = 86400,
                  max_value_bytes: int = 64 << 20, socket_timeout: float = 0.5, backoff_s: float = 1.0,
@@ -251,6 +278,7 @@ class RedisCache:
         self._redis = redis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, retry=Retry(NoBackoff(), 1)
         )
+        self._count_script = self._redis.register_script(self._COUNT_WITHIN_LIMIT)
         self._unreachable = (redis.ConnectionError, redis.TimeoutError, OSError)
         self._errors = (redis.RedisError, OSError)
         self._clock = clock
@@ -334,6 +362,12 @@ class RedisCache:
 
     def get_blob(self, key: str) -> bytes | None:
         return self._get("blob", f"{self.prefix}blob:{key}")
+
+    def count_within_limit(self, key: str, limit: int) -> bool:
+        ttl = "" if self.ttl_s is None else str(self.ttl_s)
+        ok, counted = self._call("count", lambda r: self._count_script(
+            keys=[f"{self.prefix}count:{key}"], args=[int(limit), ttl], client=r))
+        return bool(counted) if ok else True
 
     def ping(self) -> bool:
         try:

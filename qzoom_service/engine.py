@@ -7,8 +7,10 @@ Three entry points:
 - `answer(requests)`: the whole pipeline in-process (CLI, tests, a single-deployment server).
 - `route(requests)`: the cheap half for a coarse+gate server. Direct answers are decoded here; requests
   that need the zoom come back as a `ZoomPlan` (box, gate score, map) for a zoom server.
-- `zoom(request, plan)`: the zoom half. It rebuilds the coarse prefix from the (cached) coarse vision
-  features rather than receiving the layer 0..K-1 K/V over the network, then runs the fused prefill.
+- `zoom(request, plan)`: the zoom half. It rebuilds the coarse prefix from the coarse vision features the
+  plan carries (or, for an explicit box, the cached or freshly encoded ones) rather than receiving the
+  layer 0..K-1 K/V over the network, then runs the fused prefill. A zoom server receives the prepared
+  request (`for_zoom`: no coarse pixels) and the plan, so the image is decoded and encoded once.
 
 Batches: requests are validated first (a bad one raises before any model work), the coarse images that
 miss the feature cache go through the vision tower in one call, and pass 1 (trunk layers 0..K-1) runs
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,14 +37,15 @@ from .model import LoadedModel
 from .preprocess import prepare
 from .types import CoarseState, Prepared, Request, Result
 
-__all__ = ["QZoomEngine", "ZoomPlan"]
+__all__ = ["QZoomEngine", "ZoomPlan", "for_zoom"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ZoomPlan:
-    """What the coarse pass hands to the zoom pass: small, serialisable, no tensors."""
+    """What the coarse pass hands to the zoom pass: the RoI and, from `route`, the coarse features (on the
+    CPU, so the plan pickles to another process), which let the zoom pass skip the vision tower."""
 
     box: tuple[int, int, int, int]  # original-image pixels
     cell_box: tuple[int, int, int, int]  # merged-grid cells of the coarse image (for aligned positions)
@@ -51,6 +54,13 @@ class ZoomPlan:
     roi_source: str  # "sd_rpn" | "attention" | "explicit"
     timings_ms: tuple[tuple[str, float], ...] = ()  # of the coarse pass that made the plan
     cache_hit: bool | None = None  # whether that coarse pass found its features in the cache
+    coarse: CoarseFeatures | None = None  # that pass's vision-tower output; None: the zoom pass gets its own
+
+
+def for_zoom(p: Prepared) -> Prepared:
+    """The request as the zoom pass needs it once its plan carries the coarse features: without the coarse
+    pixel values, which only the vision tower reads (the largest part of a request after the image)."""
+    return replace(p, pixel_values=p.pixel_values.new_empty((0, p.pixel_values.shape[-1])))
 
 
 @contextmanager
@@ -94,18 +104,25 @@ class QZoomEngine:
         for p, embeds, timings, hit, state in self._coarse_states(requests):
             decision = self._decide(p, state, embeds, timings)
             if isinstance(decision, ZoomPlan):
-                out.append(ZoomPlan(**{**decision.__dict__, "timings_ms": tuple(timings.items()), "cache_hit": hit}))
+                coarse = CoarseFeatures(embeds=embeds.detach().cpu(), grid_thw=p.grid_thw)
+                out.append(replace(decision, timings_ms=tuple(timings.items()), cache_hit=hit, coarse=coarse))
             else:
                 out.append(self._direct(p, state, decision, timings, hit))
         return out
 
     @torch.inference_mode()
     def zoom(self, request: Request | Prepared, plan: ZoomPlan) -> Result:
-        """Zoom pass for a plan from `route` (or an explicit box); rebuilds the coarse prefix first."""
-        ((p, embeds, timings, hit),) = self._coarse_batch([request])
+        """Zoom pass for a plan from `route` (or an explicit box); rebuilds the coarse prefix first.
+
+        With the plan's coarse features no vision tower runs here, and `cache_hit` is the coarse pass's (the
+        only lookup made); without them this pass looks up or encodes its own and reports that.
+        """
+        if plan.coarse is None:
+            ((p, embeds, timings, hit),) = self._coarse_batch([request])
+        else:
+            p, embeds, timings, hit = self._travelled(request, plan)
         for name, ms in plan.timings_ms:
             timings[f"coarse.{name}"] = ms
-        hit = hit if plan.cache_hit is None else plan.cache_hit
         with _timed(timings, "prefill_k"):
             state = prefill_to_k(self.model, p, embeds, self.loaded.branch_layer)
         return (self._zoom_result(p, state, plan, timings, hit)
@@ -122,6 +139,17 @@ class QZoomEngine:
         return ZoomPlan(box=int_box, cell_box=cell_box, gate_score=None, roi_map=None, roi_source="explicit")
 
     # -- stages -------------------------------------------------------------------------------------
+
+    def _travelled(self, request: Request | Prepared, plan: ZoomPlan):
+        """`_coarse_batch` for one request whose plan brought its coarse features."""
+        timings: dict[str, float] = {}
+        with _timed(timings, "preprocess"):
+            p = request if isinstance(request, Prepared) else self.prepare(request)
+        if not torch.equal(plan.coarse.grid_thw.cpu(), p.grid_thw.cpu()):
+            raise ValueError(f"the plan's coarse features (grid {plan.coarse.grid_thw.tolist()}) are not of this "
+                             f"request (grid {p.grid_thw.tolist()})")
+        embeds = plan.coarse.embeds.to(device=self.model.device, dtype=self.model.dtype)
+        return p, embeds, timings, bool(plan.cache_hit)
 
     def _coarse_batch(self, requests: list[Request | Prepared]):
         """-> [(prepared, coarse image embeddings (Nv, D), timings, cache hit)], from the cache where possible.

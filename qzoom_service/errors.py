@@ -11,6 +11,7 @@ __all__ = [
     "Unavailable",
     "Unauthenticated",
     "LimitExceeded",
+    "Overloaded",
 ]
 
 
@@ -72,3 +73,10 @@ class LimitExceeded(QZoomError):
 
     code = "RESOURCE_EXHAUSTED"
     reason = "limit_exceeded"
+
+
+class Overloaded(QZoomError):
+    """A pool the request needs is at capacity (e.g. the zoom deployment's queue is full); retry shortly."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "overloaded"

@@ -1,8 +1,7 @@
-"""Boxes and coordinate spaces.
+"""Crop boxes: validating a requested box and fitting it to what can be cropped and encoded.
 
-Spaces: `original` (pixels of the original image), `input` (pixels of the model-input image, the
-Qwen2.5-VL resize at the coarse budget), `norm1000` (0-1000 per axis, Qwen3-VL convention) and `norm1`
-(0-1 per axis). Boxes are (x1, y1, x2, y2) with the end exclusive.
+Boxes are (x1, y1, x2, y2) in pixels of the original image, end exclusive. Conversions between coordinate
+spaces live in `qzoom_client.coords`, shared with the client.
 """
 
 from __future__ import annotations
@@ -13,41 +12,9 @@ import torch
 
 from .errors import InvalidInput
 
-__all__ = ["SPACES", "to_original", "from_original", "all_spaces", "grow_to_min_side", "validate_box", "fit_crop_box",
-           "MAX_ASPECT_RATIO"]
+__all__ = ["grow_to_min_side", "validate_box", "fit_crop_box", "MAX_ASPECT_RATIO"]
 
-SPACES = ("original", "input", "norm1000", "norm1")
 MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's image processor refuses longer/thinner images
-
-
-def _scale(space: str, original_size, input_size) -> tuple[float, float]:
-    """(sx, sy) such that box_in_space = box_original * (sx, sy)."""
-    w0, h0 = original_size
-    if space == "original":
-        return 1.0, 1.0
-    if space == "input":
-        return input_size[0] / w0, input_size[1] / h0
-    if space == "norm1000":
-        return 1000.0 / w0, 1000.0 / h0
-    if space == "norm1":
-        return 1.0 / w0, 1.0 / h0
-    raise InvalidInput(f"unknown coordinate space {space!r}; use one of {', '.join(SPACES)}")
-
-
-def to_original(box, space: str, original_size, input_size=None) -> tuple[float, float, float, float]:
-    sx, sy = _scale(space, original_size, input_size or original_size)
-    x1, y1, x2, y2 = box
-    return x1 / sx, y1 / sy, x2 / sx, y2 / sy
-
-
-def from_original(box, space: str, original_size, input_size=None) -> tuple[float, float, float, float]:
-    sx, sy = _scale(space, original_size, input_size or original_size)
-    x1, y1, x2, y2 = box
-    return x1 * sx, y1 * sy, x2 * sx, y2 * sy
-
-
-def all_spaces(box, original_size, input_size) -> dict[str, tuple[float, float, float, float]]:
-    return {s: from_original(box, s, original_size, input_size) for s in SPACES}
 
 
 def validate_box(box) -> tuple[float, float, float, float]:

@@ -11,42 +11,25 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from qzoom_client.coords import preresize_bounds, smart_resize
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from .config import MAX_BUDGET_TOKENS, EngineConfig, RequestOptions
+from .config import EngineConfig, RequestOptions
 from .errors import ImageTooLarge, InvalidInput
 from .geometry import MAX_ASPECT_RATIO
 from .types import Prepared, Request
 
-__all__ = ["Processor", "prepare", "load_image", "smart_resize", "resolve_options", "input_size_for", "preresize"]
+__all__ = ["Processor", "prepare", "load_image", "resolve_options", "preresize"]
 
 # Qwen2.5-VL's 2x2 token merge. Only training still imports it (its fixed budgets); the engine reads
 # `Processor.merge_size`.
 MERGE = 2
-# qwen-vl-utils pre-resize bounds in merged tokens, applied before the processor's own resize.
-PRERESIZE_TOKENS = (4, MAX_BUDGET_TOKENS)
-
-
-def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int) -> tuple[int, int]:
-    """(height, width) rounded to multiples of `factor` with area in [min_pixels, max_pixels]."""
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
 
 
 @dataclass
@@ -172,7 +155,7 @@ def _check_pixels(width: int, height: int, config: EngineConfig) -> None:
 def _check_aspect_ratio(width: int, height: int, factor: int) -> None:
     # The image processor refuses a ratio over MAX_ASPECT_RATIO after the pre-resize has rounded both sides to
     # the grid (a 30 px side becomes 28), so that is the ratio to check; it raises a bare ValueError otherwise.
-    h, w = smart_resize(height, width, *_preresize_bounds(factor), factor)
+    h, w = smart_resize(height, width, *preresize_bounds(factor), factor)
     ratio = max(h, w) / min(h, w)
     if ratio > MAX_ASPECT_RATIO:
         raise InvalidInput(
@@ -201,14 +184,9 @@ def resolve_options(options: RequestOptions, config: EngineConfig, factor: int) 
     return filled.validate(factor)
 
 
-def _preresize_bounds(factor: int) -> tuple[int, int]:
-    lo, hi = PRERESIZE_TOKENS
-    return lo * factor * factor, hi * factor * factor
-
-
 def preresize(image: Image.Image, factor: int) -> Image.Image:
     """qwen-vl-utils style resize the reference applies before the processor (bicubic, multiples of `factor`)."""
-    h, w = smart_resize(image.height, image.width, *_preresize_bounds(factor), factor)
+    h, w = smart_resize(image.height, image.width, *preresize_bounds(factor), factor)
     if (w, h) == image.size:
         return image
     return image.resize((w, h), Image.Resampling.BICUBIC)
@@ -230,10 +208,3 @@ def prepare(request: Request, processor: Processor, config: EngineConfig) -> Pre
     return Prepared(original=original, input_ids=input_ids, pixel_values=pixel_values, grid_thw=grid,
                     options=options, patch_size=processor.patch_size, merge_size=processor.merge_size,
                     image_id=request.image_id)
-
-
-def input_size_for(width: int, height: int, min_pixels: int, max_pixels: int, factor: int) -> tuple[int, int]:
-    """(width, height) of the model-input image for an original of this size (both resizes, no pixels)."""
-    h, w = smart_resize(height, width, *_preresize_bounds(factor), factor)
-    h, w = smart_resize(h, w, min_pixels, max_pixels, factor)
-    return w, h

@@ -1,9 +1,10 @@
-"""Regenerate the Python code for `proto/qzoom/v1/*.proto` into `qzoom_service/_proto/` and into the
-client package's `clients/python/qzoom_client/_proto/` (the client depends on grpcio and protobuf only).
+"""Regenerate the Python code for `proto/qzoom/v1/*.proto` into the client package's
+`clients/python/qzoom_client/_proto/`, the one copy: the server imports it too (qzoom-service depends on
+qzoom-client, which depends on grpcio and protobuf only).
 
 A development tool (needs grpcio-tools and a source checkout), not used at serving time:
 
-    python -m qzoom_service.protogen            # rewrite both copies in place
+    python -m qzoom_service.protogen            # rewrite the generated code in place
 
 The generated files are committed; `tests/unit/test_proto_sync.py` regenerates into a temporary
 directory and fails when they differ, i.e. when someone edited the .proto without running this.
@@ -16,14 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["PROTO_ROOT", "OUT_ROOT", "CLIENT_OUT_ROOT", "TARGETS", "PROTO_FILES", "generate"]
+__all__ = ["PROTO_ROOT", "OUT_ROOT", "PACKAGE", "PROTO_FILES", "generate"]
 
 PROTO_ROOT = Path(__file__).resolve().parent.parent / "proto"
-OUT_ROOT = Path(__file__).resolve().parent / "_proto"
-CLIENT_OUT_ROOT = PROTO_ROOT.parent / "clients" / "python" / "qzoom_client" / "_proto"
+OUT_ROOT = PROTO_ROOT.parent / "clients" / "python" / "qzoom_client" / "_proto"
+PACKAGE = "qzoom_client._proto"  # the Python package OUT_ROOT is importable as
 PROTO_FILES = ("qzoom/v1/qzoom.proto",)
-# (output directory, the Python package that directory is importable as)
-TARGETS = ((OUT_ROOT, "qzoom_service._proto"), (CLIENT_OUT_ROOT, "qzoom_client._proto"))
 
 
 def _command(out_dir: Path) -> list[str]:
@@ -35,8 +34,8 @@ def _command(out_dir: Path) -> list[str]:
     ]
 
 
-def generate(out_dir: Path | str = OUT_ROOT, package: str = "qzoom_service._proto") -> list[Path]:
-    """Run protoc into `out_dir` (the directory playing `qzoom_service/_proto`); return the files written.
+def generate(out_dir: Path | str = OUT_ROOT, package: str = PACKAGE) -> list[Path]:
+    """Run protoc into `out_dir` (the directory playing `package`); return the files written.
 
     protoc names imports after the proto path (`from qzoom.v1 import qzoom_pb2`), which only resolves
     with `_proto/` on sys.path; the gRPC stubs are rewritten to import through the package instead.
@@ -67,6 +66,5 @@ def generate(out_dir: Path | str = OUT_ROOT, package: str = "qzoom_service._prot
 
 
 if __name__ == "__main__":
-    for target, package in TARGETS:
-        for path in generate(target, package):
-            print(path)
+    for path in generate():
+        print(path)

@@ -46,3 +46,18 @@ def plain_checkpoint(tmp_path_factory):
         cfg.pop(key, None)
     (ckpt / "config.json").write_text(json.dumps(cfg))
     return ckpt
+
+
+def pytest_configure(config):
+    from .serving import use_session_ray_auth
+
+    use_session_ray_auth()  # before any test module imports ray: Ray reads its auth mode once, on import
+
+
+@pytest.fixture(scope="session")
+def qzoom_service(tmp_path_factory):
+    """The session's one Ray cluster and real `qzoom serve` (see tests/serving.py), started on first use."""
+    from .serving import shared_service
+
+    with shared_service(tmp_path_factory.mktemp("qzoom-service")) as service:
+        yield service

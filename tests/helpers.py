@@ -42,16 +42,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def qzoom_serve(log, *args: str, timeout: float = 240):
+def qzoom_serve(log, *args: str, timeout: float = 240, env: dict | None = None):
     """Run the real `qzoom serve` (embedded default unless `args` say otherwise) with its output in `log`;
-    yield its gRPC address once it says it is serving, stop it afterwards."""
+    yield its gRPC address once it says it is serving, stop it afterwards. `env`: extra environment
+    variables (`RAY_ADDRESS` joins an existing Ray cluster instead of starting one)."""
     import pytest
 
     grpc_port, http_port = free_port(), free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "qzoom_service.cli", "serve", "--grpc-port", str(grpc_port),
                                  "--http-port", str(http_port), *args], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + timeout
         while "qzoom serving gRPC on" not in log.read_text():

@@ -17,7 +17,7 @@ from .zoom_deployment import Zoom
 
 __all__ = ["build_app", "SERVICER_FUNCTION", "APP_NAME"]
 
-SERVICER_FUNCTION = "qzoom_service._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server"
+SERVICER_FUNCTION = "qzoom_client._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server"
 APP_NAME = "qzoom"
 
 

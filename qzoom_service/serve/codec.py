@@ -1,14 +1,20 @@
-"""Protobuf <-> engine types. The only place (with the deployments) that knows the wire format."""
+"""Protobuf <-> engine types: request options in, every RPC's response out. The one place that builds
+response messages; the servicer decides what goes into them."""
 
 from __future__ import annotations
 
+import io
+
+from PIL import Image
+from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
+from qzoom_client.coords import all_spaces
+
 from ..config import RequestOptions
 from ..errors import InvalidInput
-from ..geometry import SPACES, all_spaces
 from ..types import Result
-from .._proto.qzoom.v1 import qzoom_pb2 as pb
 
-__all__ = ["options_from_proto", "answer_response", "box_set", "space_name", "route_enum"]
+__all__ = ["options_from_proto", "answer_response", "upload_response", "zoom_region_response", "health_response",
+           "empty_response", "box_set", "space_name", "route_enum"]
 
 _MODES = {pb.MODE_UNSPECIFIED: "auto", pb.MODE_AUTO: "auto", pb.MODE_DIRECT: "direct", pb.MODE_ZOOM: "zoom"}
 _SPACES = {
@@ -50,7 +56,7 @@ def space_name(space: int) -> str:
 
 def box_set(box, original_size, input_size) -> "pb.BoxSet":
     spaces = all_spaces(box, original_size, input_size)
-    return pb.BoxSet(**{s: pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]) for s, b in spaces.items() if s in SPACES})
+    return pb.BoxSet(**{s: pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]) for s, b in spaces.items()})
 
 
 def route_enum(route: str) -> int:
@@ -77,3 +83,42 @@ def answer_response(result: Result, image_id: str, default_input_size) -> "pb.An
         rows = result.roi_map
         response.roi_map.CopyFrom(pb.RoiMap(rows=len(rows), cols=len(rows[0]), values=[v for r in rows for v in r]))
     return response
+
+
+def upload_response(image_id: str, original_size, input_size, already_stored: bool) -> "pb.UploadImageResponse":
+    """`input_size`: model-input size at the server's default budget."""
+    return pb.UploadImageResponse(image_id=image_id, width=original_size[0], height=original_size[1],
+                                  input_width=input_size[0], input_height=input_size[1],
+                                  already_stored=already_stored)
+
+
+def zoom_region_response(crop: Image.Image, box, original_size, input_size, crop_id: str, image_id: str,
+                         result: Result | None = None) -> "pb.ZoomRegionResponse":
+    """The crop as PNG and the box in every space; with `result` (a question was asked) its answer too."""
+    response = pb.ZoomRegionResponse(
+        crop_png=_png(crop), box=box_set(box, original_size, input_size), crop_id=crop_id,
+        crop_width=crop.width, crop_height=crop.height, image_id=image_id,
+    )
+    if result is not None:
+        response.answer = result.answer
+        response.visual_tokens.CopyFrom(pb.VisualTokens(**result.visual_tokens))
+        response.timings_ms.update(result.timings_ms)
+        response.cache_hit = result.cache_hit
+        response.generated_ids.extend(result.generated_ids)
+    return response
+
+
+def health_response(model_id: str, version: str, cache_reachable: bool, cache_backend: str) -> "pb.HealthResponse":
+    return pb.HealthResponse(model_loaded=True, cache_reachable=cache_reachable, model_id=model_id, version=version,
+                             cache_backend=cache_backend)
+
+
+def empty_response(method: str):
+    """The response message of an RPC that failed (gRPC sends only the status; Ray Serve needs a message)."""
+    return getattr(pb, f"{method}Response")()
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -83,8 +83,8 @@ def wait_until_healthy(address: str, timeout_s: float = 300.0, application: str 
     """Poll the Health RPC until the model is loaded."""
     import grpc
 
-    from .._proto.qzoom.v1 import qzoom_pb2 as pb
-    from .._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
+    from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
+    from qzoom_client._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
 
     metadata = (("application", application),) if application else None
     deadline = time.monotonic() + timeout_s

@@ -1,7 +1,9 @@
 """`Zoom`: the RoI re-encode and re-decode, for zoom plans from `CoarseGate` and explicit boxes.
 
-It rebuilds the coarse prefix from the coarse features (cached by image id, so usually without the
-vision tower) instead of receiving layer 0..K-1 K/V over the network. Batch 1 per request.
+A routed plan arrives with the prepared request (the image decoded once, in the ingress) and the coarse
+features, so the coarse prefix is rebuilt without the vision tower and without receiving layer 0..K-1
+K/V over the network. An explicit box arrives with the decoded image; its coarse features come from the
+cache or the vision tower here. Batch 1 per request.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ import logging
 
 from ray import serve
 
-from ..config import RequestOptions
 from ..engine import ZoomPlan
-from ..types import Request, Result
+from ..types import Box, Prepared, Request, Result
+from .servicer import answer_box
 from .settings import AppSettings, build_engine
 
 __all__ = ["Zoom"]
@@ -26,10 +28,8 @@ class Zoom:
         self.settings = AppSettings.from_dict(settings)
         self.engine, self.cache = build_engine(self.settings)
 
-    def zoom(self, image: bytes, image_id: str, question: str, options: RequestOptions, plan: ZoomPlan) -> Result:
-        return self.engine.zoom(Request(image, question, options, image_id), plan)
+    def zoom(self, prepared: Prepared, plan: ZoomPlan) -> Result:
+        return self.engine.zoom(prepared, plan)
 
-    def answer_box(self, image: bytes, image_id: str, question: str, options: RequestOptions, box) -> Result:
-        request = Request(image, question, options, image_id)
-        prepared = self.engine.prepare(request)
-        return self.engine.zoom(prepared, self.engine.plan_for_box(prepared, box))
+    def answer_box(self, request: Request, box: Box) -> Result:
+        return answer_box(self.engine, request, box)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from qzoom_client.coords import input_size_for
 from tqdm import tqdm
 
 from ..coarse import encode_images
 from ..config import QWEN25_VL_FACTOR, TOKEN_PIXELS
 from ..errors import InvalidInput
-from ..preprocess import input_size_for
 from ..rpn import blur3, cells_to_box
 from .checkpoint import atomic_dir
 from .data import Record, image_size, meaningful_token_ids, open_image

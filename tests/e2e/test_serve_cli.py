@@ -9,17 +9,17 @@ import sys
 import pytest
 from PIL import Image
 
-from ..helpers import make_image, qzoom_serve
+from ..helpers import make_image
 
 QZOOM = [sys.executable, "-m", "qzoom_service.cli"]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with qzoom_serve(log) as addr:
-        assert addr.rsplit(":", 1)[1] in log.read_text() and "tiny RANDOM model" not in log.read_text()
-        yield addr
+def served(qzoom_service):
+    """The session's `qzoom serve` (tests/serving.py): one Ray cluster for every test that needs the service."""
+    log = qzoom_service.log.read_text()
+    assert qzoom_service.address.rsplit(":", 1)[1] in log and "tiny RANDOM model" not in log
+    return qzoom_service.address
 
 
 def _run(*args) -> subprocess.CompletedProcess:

@@ -38,7 +38,7 @@ CI_FILES = ("gpu-production.yaml", "external-redis.yaml", "auth-on.yaml")
 CASES = ("default",) + CI_FILES
 K8S_VERSION = "1.36.0"  # the Kubernetes version Helm's SDK assumes when rendering offline
 RELEASE, NAMESPACE = "demo", "ml"
-SERVICER = "qzoom_service._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server"
+SERVICER = "qzoom_client._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server"
 APP_IMPORT = "qzoom_service.serve.app:build_app"
 
 

@@ -7,6 +7,7 @@ import logging
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 
@@ -17,15 +18,7 @@ redis = pytest.importorskip("redis", reason="the redis client is not installed")
 
 from qzoom_service.cache import CoarseFeatures, FeatureKey, RedisCache  # noqa: E402
 
-REDIS_URL = "redis://127.0.0.1:6379/15"  # DB 15: kept apart from anything a developer runs on DB 0
-
-
-def _reachable(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
-    except (redis.RedisError, OSError):
-        return False
-
+from .conftest import REDIS_URL, redis_reachable as _reachable  # noqa: E402
 
 if not _reachable(REDIS_URL):
     pytest.skip(f"no Redis server answers at {REDIS_URL}", allow_module_level=True)
@@ -210,3 +203,37 @@ def test_cache_recovers_after_redis_restarts():
             if proc.poll() is None:
                 proc.kill()
             proc.wait(5)
+
+
+def test_count_within_limit_is_one_atomic_step_on_redis(prefix, raw):
+    caches = [RedisCache(REDIS_URL, prefix=prefix, ttl_s=600) for _ in range(4)]  # four "replicas"
+    barrier = threading.Barrier(16)
+    granted = []
+
+    def work(i):
+        barrier.wait()
+        granted.extend(caches[i % 4].count_within_limit("crops:img", 30) for _ in range(8))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert granted.count(True) == 30 and len(granted) == 128
+    assert raw.get(f"{prefix}count:crops:img") == b"30"
+    assert 0 < raw.ttl(f"{prefix}count:crops:img") <= 600
+    assert caches[0].count_within_limit("crops:other", 30) is True
+
+
+def test_count_within_limit_fails_open_when_redis_is_down():
+    cache = RedisCache(f"redis://127.0.0.1:{_free_port()}/0", socket_timeout=0.2)
+    assert cache.count_within_limit("crops:img", 1) is True and cache.count_within_limit("crops:img", 1) is True
+    assert cache.stats()["errors"] == 2
+
+
+def test_the_reachability_check_says_false_for_a_closed_port_instead_of_raising():
+    # What test_serve_grpc skips on: redis-py's ping() raises ConnectionError here, it never returns False.
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(host="127.0.0.1", port=_free_port(), socket_timeout=0.5).ping()
+    assert _reachable(f"redis://127.0.0.1:{_free_port()}/0") is False
+    assert _reachable(REDIS_URL) is True

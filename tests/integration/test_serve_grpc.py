@@ -1,9 +1,12 @@
-"""The service as clients see it: a real local Ray Serve app, real gRPC on localhost, real Redis.
+"""The service as clients see it through Ray: a real Serve app, real gRPC on localhost, real Redis.
 
-One Ray cluster serves five applications of the same code with different settings (selected with the
-`application` metadata): `main` (Redis cache under a test prefix), `secured` (API keys), `noredis`
-(Redis URL pointing at a closed port), `busy` (a queue of two) and `slow` (one request at a time, for
-the proxy's request timeout).
+What needs no Ray (auth rules, status codes, crop logic) is tested on the plain servicer
+(tests/unit/test_servicer.py). Here: the two deployments wired together, what crosses between them, the
+cache shared across them, queues, the proxy's timeout and the metrics Ray exports. Ray starts once per
+session: these applications are deployed onto the session's `qzoom serve` (tests/serving.py), selected
+with the `application` metadata: `main` (Redis cache under a test prefix), `secured` (API keys, in-process
+cache), `noredis` (Redis URL pointing at a closed port), `busy` (a queue of two), `slow` (one request at
+a time, for the proxy's request timeout) and `zoombusy` (a Zoom queue of one).
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import math
-import os
-import socket
 import time
 import urllib.request
 import uuid
@@ -22,26 +23,19 @@ import grpc
 import pytest
 import redis
 from PIL import Image
-
-from qzoom_service._proto.qzoom.v1 import qzoom_pb2 as pb
-from qzoom_service._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
+from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
+from qzoom_client._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
 
 from ..helpers import TINY_BUDGET, make_image
+from .conftest import REDIS_URL, redis_reachable
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from qzoom_service.serve.app import SERVICER_FUNCTION, build_app  # noqa: E402
+from qzoom_service.serve.app import build_app  # noqa: E402
 from qzoom_service.serve.run import wait_until_healthy  # noqa: E402
 
-REQUEST_TIMEOUT_S = 8.0
 KEYS = "key-one,key-two"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(img: Image.Image) -> bytes:
@@ -72,42 +66,37 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_checkpoint):
-    if not redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping():
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    os.environ["RAY_metrics_report_interval_ms"] = "500"
-    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+def service(qzoom_service, tiny_checkpoint):
+    if not redis_reachable(REDIS_URL):
+        pytest.skip(f"no Redis at {REDIS_URL}")
     prefix = f"qzoom-test-{uuid.uuid4().hex[:8]}:"
-    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
-             namespace=f"qzoom-test-{uuid.uuid4().hex[:6]}")
+    base = {"model": str(tiny_checkpoint), "max_new_tokens": 6, "max_image_bytes": 3_000_000,
+            "max_image_pixels": 20_000_000, **TINY_BUDGET}
+    small = {"ray_actor_options": {"num_cpus": 0.25}}
+    apps = {
+        "main": ({**base, "redis_url": REDIS_URL, "cache_prefix": prefix, "max_crops_per_image": 6}, {}),
+        "secured": (base, {"CoarseGate": {"ray_actor_options": {
+            "num_cpus": 0.25, "runtime_env": {"env_vars": {"QZOOM_API_KEYS": KEYS}}}}}),
+        "noredis": ({**base, "redis_url": "redis://127.0.0.1:1/0"}, {}),
+        "busy": (base, {"CoarseGate": {**small, "max_ongoing_requests": 1, "max_queued_requests": 2}}),
+        # Each request a few times slower than on `main` (a larger coarse view), one at a time.
+        "slow": ({**base, "min_pixels": 400 * 784, "max_pixels": 400 * 784},
+                 {"CoarseGate": {**small, "max_ongoing_requests": 1}}),
+        "zoombusy": (base, {"Zoom": {**small, "max_ongoing_requests": 1, "max_queued_requests": 1}}),
+    }
+    ray.init(address=qzoom_service.ray_address, log_to_driver=False, namespace=f"qzoom-test-{uuid.uuid4().hex[:6]}")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                    grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION],
-                                  "request_timeout_s": REQUEST_TIMEOUT_S})
-        base = {"model": str(tiny_checkpoint), "max_new_tokens": 6, "max_image_bytes": 3_000_000,
-                "max_image_pixels": 20_000_000, **TINY_BUDGET}
-        small = {"ray_actor_options": {"num_cpus": 0.25}}
-        apps = {
-            "main": ({**base, "redis_url": "redis://127.0.0.1:6379/15", "cache_prefix": prefix,
-                      "max_crops_per_image": 6}, {}),
-            "secured": (base, {"CoarseGate": {"ray_actor_options": {
-                "num_cpus": 0.25, "runtime_env": {"env_vars": {"QZOOM_API_KEYS": KEYS}}}}}),
-            "noredis": ({**base, "redis_url": "redis://127.0.0.1:1/0"}, {}),
-            "busy": (base, {"CoarseGate": {**small, "max_ongoing_requests": 1, "max_queued_requests": 2}}),
-            "slow": (base, {"CoarseGate": {**small, "max_ongoing_requests": 1}}),
-            "zoombusy": (base, {"Zoom": {**small, "max_ongoing_requests": 1, "max_queued_requests": 1}}),
-        }
         for name, (args, deployments) in apps.items():
             options = {"CoarseGate": small, "Zoom": small, **deployments}
             serve.run(build_app(args, options), name=name, route_prefix=f"/{name}", blocking=False)
-        address = f"127.0.0.1:{grpc_port}"
         for name in apps:
-            wait_until_healthy(address, timeout_s=240, application=name)
-        yield Service(address, metrics_port, prefix)
+            wait_until_healthy(qzoom_service.address, timeout_s=240, application=name)
+        yield Service(qzoom_service.address, qzoom_service.metrics_port, prefix)
     finally:
-        serve.shutdown()
+        for name in apps:  # the session's own `qzoom` application keeps serving
+            serve.delete(name)
         ray.shutdown()
-        client = redis.Redis(host="127.0.0.1", port=6379, db=15)
+        client = redis.Redis.from_url(REDIS_URL)
         for key in client.scan_iter(match=f"{prefix}*"):
             client.delete(key)
 
@@ -172,44 +161,15 @@ def test_redis_unreachable_still_answers(service):
     assert service.call("Health", pb.HealthRequest()).cache_reachable
 
 
-def _bomb() -> bytes:
-    import struct
-    import zlib
-
-    data = bytearray(_png(Image.new("RGB", (8, 8))))
-    data[16:24] = struct.pack(">II", 5000, 5000)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
-
-
-def test_bad_input_gets_its_status_code_and_nothing_stored_is_lost(service):
+def test_typed_errors_keep_their_code_through_the_proxy_and_from_inside_the_zoom_deployment(service):
     kept = service.call("UploadImage", pb.UploadImageRequest(image=IMAGE)).image_id
-    box = {"image_id": kept, "space": pb.COORD_SPACE_ORIGINAL}
     cases = [
         ("Answer", _answer(image=b"\x89PNG garbage"), grpc.StatusCode.INVALID_ARGUMENT, "not a readable image"),
-        ("Answer", _answer(image=IMAGE[: len(IMAGE) // 3]), grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
-        ("Answer", _answer(image=b"\0" * 3_100_000), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit is 3000000"),
-        ("UploadImage", pb.UploadImageRequest(image=_bomb()), grpc.StatusCode.RESOURCE_EXHAUSTED, "25000000 pixels"),
         ("Answer", _answer(image_id="0" * 64), grpc.StatusCode.NOT_FOUND, "unknown image_id"),
-        ("Answer", _answer(question="  "), grpc.StatusCode.INVALID_ARGUMENT, "question is empty"),
-        ("Answer", _answer(gate_threshold=2.0), grpc.StatusCode.INVALID_ARGUMENT, "gate_threshold"),
-        ("ZoomRegion", pb.ZoomRegionRequest(box=pb.Box(x1=300, y1=10, x2=100, y2=90), **box),
-         grpc.StatusCode.INVALID_ARGUMENT, "inverted"),
-        ("ZoomRegion", pb.ZoomRegionRequest(box=pb.Box(x1=10, y1=10, x2=10, y2=90), **box),
-         grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-        ("ZoomRegion", pb.ZoomRegionRequest(box=pb.Box(x1=float("nan"), y1=0, x2=5, y2=5), **box),
-         grpc.StatusCode.INVALID_ARGUMENT, "finite"),
-        ("ZoomRegion", pb.ZoomRegionRequest(box=pb.Box(x1=700, y1=500, x2=900, y2=600), **box),
-         grpc.StatusCode.INVALID_ARGUMENT, "outside"),
-        ("ZoomRegion", pb.ZoomRegionRequest(image_id=kept, box=pb.Box(x1=1, y1=1, x2=50, y2=50)),
-         grpc.StatusCode.INVALID_ARGUMENT, "coordinate space"),
-        ("ZoomRegion", pb.ZoomRegionRequest(image_id=kept, box=pb.Box(x1=1, y1=1, x2=50, y2=50), space=42),
-         grpc.StatusCode.INVALID_ARGUMENT, "coordinate space"),
-        ("ZoomRegion", pb.ZoomRegionRequest(question="why? " * 1000, box=pb.Box(x1=0, y1=0, x2=90, y2=90), **box),
-         grpc.StatusCode.INVALID_ARGUMENT, "question has 5000 characters"),  # raised inside the Zoom deployment
-        ("ZoomRegion", pb.ZoomRegionRequest(crop_id="crop-nope", box=pb.Box(x1=0, y1=0, x2=1, y2=1),
-                                            space=pb.COORD_SPACE_NORM1, image_id=kept),
-         grpc.StatusCode.NOT_FOUND, "unknown crop_id"),
+        # Raised in the Zoom replica: a RayTaskError there, its own status here.
+        ("ZoomRegion", pb.ZoomRegionRequest(question="why? " * 1000, box=pb.Box(x1=0, y1=0, x2=90, y2=90),
+                                            image_id=kept, space=pb.COORD_SPACE_ORIGINAL),
+         grpc.StatusCode.INVALID_ARGUMENT, "question has 5000 characters"),
     ]
     for method, request, code, text in cases:
         got, details = service.status(method, request)
@@ -217,18 +177,16 @@ def test_bad_input_gets_its_status_code_and_nothing_stored_is_lost(service):
     assert service.call("Answer", _answer(image_id=kept, mode=pb.MODE_DIRECT)).answer is not None  # still there
 
 
-def test_clamped_box_and_every_space_of_a_zoom_region(service):
-    image_id = service.call("UploadImage", pb.UploadImageRequest(image=IMAGE)).image_id
-    z = service.call("ZoomRegion", pb.ZoomRegionRequest(image_id=image_id, box=pb.Box(x1=500, y1=400, x2=800, y2=700),
-                                                        space=pb.COORD_SPACE_ORIGINAL))
-    assert (z.box.original.x1, z.box.original.y1, z.box.original.x2, z.box.original.y2) == (500, 400, 640, 480)
-    n = service.call("ZoomRegion", pb.ZoomRegionRequest(image_id=image_id, box=pb.Box(x1=0.5, y1=0.5, x2=1, y2=1),
-                                                        space=pb.COORD_SPACE_NORM1))
-    assert (n.box.original.x1, n.box.original.y1, n.crop_width, n.crop_height) == (320, 240, 320, 240)
-    inner = service.call("ZoomRegion", pb.ZoomRegionRequest(image_id=image_id, crop_id=n.crop_id,
-                                                            box=pb.Box(x1=0, y1=0, x2=500, y2=500),
-                                                            space=pb.COORD_SPACE_NORM1000))
-    assert (inner.box.original.x1, inner.box.original.y1, inner.box.original.x2) == (320, 240, 480)
+def test_a_zoom_travels_once_the_zoom_replica_runs_no_coarse_vision_tower(service):
+    # `secured` has no Redis: each replica has its own in-process cache, so only what travels with the
+    # plan can spare the Zoom replica the coarse vision tower.
+    request = _answer(image=_png(make_image(520, 390, seed=25)), mode=pb.MODE_ZOOM, roi_threshold=0.5)
+    cold, warm = (service.call("Answer", request, app="secured", key="key-one") for _ in range(2))
+    assert (cold.route, warm.route) == (pb.ROUTE_ZOOM, pb.ROUTE_ZOOM) and (cold.cache_hit, warm.cache_hit) == (False,
+                                                                                                               True)
+    assert "vision_coarse" not in cold.timings_ms and "coarse.vision_coarse" in cold.timings_ms
+    assert "vision_coarse" not in warm.timings_ms and "coarse.vision_coarse" not in warm.timings_ms
+    assert warm.generated_ids == cold.generated_ids and warm.roi_box == cold.roi_box
 
 
 def test_crops_per_image_are_limited_and_existing_crops_stay_usable(service):
@@ -248,9 +206,8 @@ def test_crops_per_image_are_limited_and_existing_crops_stay_usable(service):
     assert (tiny.crop_width, tiny.crop_height) == (28, 28)  # grown to the minimum side
 
 
-def test_api_keys_are_checked_at_the_ingress(service):
+def test_api_keys_from_the_replicas_environment_are_checked_on_metadata_through_the_proxy(service):
     request = _answer(mode=pb.MODE_DIRECT)
-    assert service.status("Answer", request, app="secured")[0] == grpc.StatusCode.UNAUTHENTICATED
     code, details = service.status("Answer", request, app="secured", key="wrong")
     assert code == grpc.StatusCode.UNAUTHENTICATED and "invalid API key" in details
     assert service.call("Answer", request, app="secured", key="key-two").route == pb.ROUTE_DIRECT

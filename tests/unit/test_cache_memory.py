@@ -183,3 +183,36 @@ def test_the_app_reads_the_redis_url_from_the_named_environment_variable(monkeyp
     monkeypatch.delenv("QZOOM_TEST_REDIS_URL")
     _, fallback = build_engine(settings)
     assert fallback.backend == "memory"
+
+
+def test_count_within_limit_stops_at_the_limit_and_counts_keys_apart():
+    cache = InProcessCache()
+    assert [cache.count_within_limit("img-a", 3) for _ in range(5)] == [True, True, True, False, False]
+    assert cache.count_within_limit("img-b", 3) is True  # another key has its own count
+    assert cache.count_within_limit("img-a", 4) is True  # a higher limit counts on from 3
+    assert cache.count_within_limit("img-a", 4) is False
+
+
+def test_count_within_limit_restarts_after_the_ttl():
+    clock = FakeClock()
+    cache = InProcessCache(ttl_s=10.0, clock=clock)
+    assert cache.count_within_limit("img", 1) is True and cache.count_within_limit("img", 1) is False
+    clock.now += 10.1
+    assert cache.count_within_limit("img", 1) is True
+
+
+def test_concurrent_counts_never_pass_the_limit():
+    cache = InProcessCache()
+    barrier = threading.Barrier(8)
+    granted = []
+
+    def work():
+        barrier.wait()
+        granted.extend(cache.count_within_limit("img", 25) for _ in range(10))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert granted.count(True) == 25 and len(granted) == 80

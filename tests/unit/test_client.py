@@ -9,7 +9,7 @@ from concurrent import futures
 
 import grpc
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qzoom_client import QZoomClient, QZoomClientError, coords
@@ -17,8 +17,7 @@ from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
 from qzoom_client._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
 from qzoom_client.cli import main as client_main
 
-from qzoom_service import geometry
-from qzoom_service.preprocess import input_size_for
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as processor_resize
 
 ID = "ab" * 32
 
@@ -122,12 +121,22 @@ def test_cli_prints_the_documented_json(server, tmp_path, capsys):
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 8000), st.integers(1, 8000), st.integers(4, 2000), st.integers(0, 3000),
        st.sampled_from(coords.SPACES))
-def test_client_coordinates_equal_the_servers(width, height, lo, extra, space):
+def test_client_coordinates_equal_the_image_processors(width, height, lo, extra, space):
     budget = (lo * 784, (lo + extra) * 784)
-    assert coords.input_size_for(width, height, *budget) == input_size_for(width, height, *budget, 28)
+    assume(max(width, height) / min(width, height) < 150)  # the processor refuses elongated images
+    # The server pre-resizes (qwen-vl-utils' rounding, which keeps a side of at least 28 px), then the image
+    # processor resizes to the budget with transformers' own function.
+    pre = coords.smart_resize(height, width, *coords.preresize_bounds())
+    expected = processor_resize(*pre, factor=28, min_pixels=budget[0], max_pixels=budget[1])
+    assert coords.input_size_for(width, height, *budget) == (expected[1], expected[0])
     size, input_size = (width, height), coords.input_size_for(width, height, *budget)
     box = (0.1 * width, 0.2 * height, 0.7 * width, 0.9 * height)
-    assert coords.from_original(box, space, size, input_size) == pytest.approx(
-        list(geometry.from_original(box, space, size, input_size)))
     assert coords.to_original(coords.from_original(box, space, size, input_size), space, size, input_size) == \
         pytest.approx(list(box))
+
+
+def test_input_size_follows_the_models_factor():
+    assert coords.input_size_for(1000, 700, 256 * 784, 576 * 784, factor=28) == coords.input_size_for(
+        1000, 700, 256 * 784, 576 * 784)
+    w, h = coords.input_size_for(1000, 700, 256 * 1024, 576 * 1024, factor=32)  # Qwen3-VL: 16 px x 2 merge
+    assert w % 32 == 0 and h % 32 == 0 and 256 <= (w // 32) * (h // 32) <= 576

@@ -3,6 +3,7 @@ a comment on every field and enum value, `_UNSPECIFIED` zero values."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import re
 from pathlib import Path
@@ -21,11 +22,10 @@ def _generated(root: Path) -> dict[str, bytes]:
             and "__pycache__" not in p.parts}
 
 
-@pytest.mark.parametrize("target,package", protogen.TARGETS, ids=["service", "client"])
-def test_committed_generated_code_matches_the_proto(tmp_path, target, package):
+def test_committed_generated_code_matches_the_proto(tmp_path):
     pytest.importorskip("grpc_tools", reason="grpcio-tools (the `test` extra) regenerates the code")
-    protogen.generate(tmp_path, package)
-    fresh, committed = _generated(tmp_path), _generated(target)
+    protogen.generate(tmp_path)
+    fresh, committed = _generated(tmp_path), _generated(protogen.OUT_ROOT)
     assert sorted(fresh) == sorted(committed), "generated file set differs: run `python -m qzoom_service.protogen`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     tools = importlib.metadata.version("grpcio-tools")
@@ -34,11 +34,22 @@ def test_committed_generated_code_matches_the_proto(tmp_path, target, package):
 
 
 def test_generated_stubs_import_as_a_subpackage():
-    from qzoom_service._proto.qzoom.v1 import qzoom_pb2, qzoom_pb2_grpc
+    from qzoom_client._proto.qzoom.v1 import qzoom_pb2, qzoom_pb2_grpc
 
     assert qzoom_pb2_grpc.qzoom_dot_v1_dot_qzoom__pb2 is qzoom_pb2
+    assert qzoom_pb2.AnswerRequest.__module__ == "qzoom_client._proto.qzoom.v1.qzoom_pb2"  # pickled by reference
     assert set(qzoom_pb2.DESCRIPTOR.services_by_name["QZoomService"].methods_by_name) == {
         "UploadImage", "Answer", "ZoomRegion", "Health"}
+
+
+def test_there_is_one_generated_copy_and_the_server_names_it():
+    from qzoom_service.serve.app import SERVICER_FUNCTION
+
+    package = protogen.PROTO_ROOT.parent / "qzoom_service"
+    assert not (package / "_proto").exists(), "qzoom_service/_proto is gone: the server imports qzoom_client._proto"
+    module, function = SERVICER_FUNCTION.rsplit(".", 1)
+    assert module == "qzoom_client._proto.qzoom.v1.qzoom_pb2_grpc" and function == "add_QZoomServiceServicer_to_server"
+    assert callable(getattr(importlib.import_module(module), function))
 
 
 def _lines_needing_comments() -> list[tuple[int, str, str]]:
@@ -60,7 +71,7 @@ def test_every_field_and_enum_value_has_a_comment_directly_above():
 
 
 def test_the_comment_parser_sees_every_field_protoc_sees():
-    from qzoom_service._proto.qzoom.v1 import qzoom_pb2
+    from qzoom_client._proto.qzoom.v1 import qzoom_pb2
 
     def fields(messages):
         # map<K, V> fields are one line in the .proto; protoc adds a synthetic *Entry message for each.
@@ -72,7 +83,7 @@ def test_the_comment_parser_sees_every_field_protoc_sees():
 
 
 def test_enums_start_with_unspecified_zero():
-    from qzoom_service._proto.qzoom.v1 import qzoom_pb2
+    from qzoom_client._proto.qzoom.v1 import qzoom_pb2
 
     for name, enum in qzoom_pb2.DESCRIPTOR.enum_types_by_name.items():
         prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()

@@ -3,13 +3,16 @@
 Boxes are [x1, y1, x2, y2], origin top-left, pixel boxes end-exclusive. Spaces: `original` (pixels of
 the original image), `input` (pixels of the model-input image: Qwen2.5-VL's resize at the server's default
 coarse budget), `norm1000` (0-1000 per axis, as Qwen3-VL emits), `norm1` (0-1 per axis).
+
+The one home of these conversions: the server imports this module too.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["SPACES", "smart_resize", "input_size_for", "to_original", "from_original", "all_spaces"]
+__all__ = ["SPACES", "smart_resize", "preresize_bounds", "input_size_for", "to_original", "from_original",
+           "all_spaces"]
 
 SPACES = ("original", "input", "norm1000", "norm1")
 _FACTOR = 28  # pixels per merged visual token side (14 px patches, 2x2 merge)
@@ -30,14 +33,21 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
     return h, w
 
 
-def input_size_for(width: int, height: int, min_pixels: int = 256 * 784, max_pixels: int = 576 * 784):
+def input_size_for(width: int, height: int, min_pixels: int = 256 * 784, max_pixels: int = 576 * 784,
+                   factor: int = _FACTOR):
     """(width, height) of the model-input image the server derives from an original of this size.
 
-    Two resizes, as the server does: a pre-resize to multiples of 28 (4..16384 tokens), then the budget.
+    Two resizes, as the server does: a pre-resize to multiples of `factor` (4..16384 tokens), then the
+    budget. `factor`: pixels per merged token side, the model's patch size times its merge size.
     """
-    h, w = smart_resize(height, width, 4 * 784, 16384 * 784)
-    h, w = smart_resize(h, w, min_pixels, max_pixels)
+    h, w = smart_resize(height, width, *preresize_bounds(factor), factor)
+    h, w = smart_resize(h, w, min_pixels, max_pixels, factor)
     return w, h
+
+
+def preresize_bounds(factor: int = _FACTOR) -> tuple[int, int]:
+    """Pixel bounds of the qwen-vl-utils pre-resize: 4 to 16384 merged tokens of `factor` x `factor` px."""
+    return 4 * factor * factor, 16384 * factor * factor
 
 
 def _scale(space: str, original_size, input_size) -> tuple[float, float]:

@@ -12,7 +12,7 @@ http_options:
 grpc_options:
   port: {{ $serve.grpc.port | int }}
   grpc_servicer_functions:
-    - qzoom_service._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server
+    - qzoom_client._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server
   request_timeout_s: {{ $serve.grpc.requestTimeoutS | toJson }}
   enable_reflection: {{ $serve.grpc.enableReflection | toJson }}
 applications:

@@ -1,0 +1,98 @@
+"""One Ray cluster and one real `qzoom serve` per pytest session, shared by the e2e and integration tests.
+
+The cluster is a `ray start --head --block` subprocess owned by the session (stopped by its process group,
+never a machine-wide `ray stop`). `qzoom serve` joins it through `RAY_ADDRESS` and serves the embedded
+default model as application `qzoom`; tests that need other settings (tests/integration/test_serve_grpc.py)
+deploy further applications onto the same Serve instance, reached through the same gRPC proxy with the
+`application` metadata. Ray therefore starts once per run however many of these tests are selected.
+
+Every Ray process of the session (the head, `qzoom serve`, pytest itself as a driver) shares one token
+(Ray's token authentication), set in the environment by `use_session_ray_auth` before anything imports
+ray: Ray reads the mode once, on import.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .helpers import free_port, qzoom_serve
+
+__all__ = ["SharedService", "shared_service", "use_session_ray_auth", "REQUEST_TIMEOUT_S", "RAY_CPUS"]
+
+# The proxy's end-to-end limit for every application (a Serve-wide gRPC option): generous for the embedded
+# model on a loaded CPU, short enough that a test can queue work past it.
+REQUEST_TIMEOUT_S = 20.0
+# Logical CPUs of the cluster: scheduling tokens for every deployment of every application, not cores.
+RAY_CPUS = 8
+
+
+def use_session_ray_auth() -> None:
+    """Token auth with a token of this session's own, unless the environment already chose."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
+@dataclass(frozen=True)
+class SharedService:
+    address: str  # gRPC host:port of the Serve proxy; application "qzoom" is `qzoom serve`'s
+    log: Path  # `qzoom serve`'s output
+    ray_address: str  # the cluster's GCS address, for drivers that deploy more applications
+    metrics_port: int  # Ray's Prometheus exporter on the (only) node
+
+
+@contextmanager
+def _ray_head(log: Path, timeout: float = 120):
+    """-> (GCS address, metrics port) of a fresh single-node cluster, stopped afterwards."""
+    import pytest
+
+    port, metrics_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+            f"--num-cpus={RAY_CPUS}", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
+            f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "500"}  # metrics tests poll the exporter
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", metrics_port
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@contextmanager
+def shared_service(workdir: Path):
+    """The session's cluster and `qzoom serve` (embedded default, in-process cache per replica)."""
+    config = workdir / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "grpc_options": {"request_timeout_s": REQUEST_TIMEOUT_S},
+        "applications": [{
+            "name": "qzoom", "route_prefix": "/qzoom", "import_path": "qzoom_service.serve.app:build_app", "args": {},
+            "deployments": [{"name": name, "ray_actor_options": {"num_cpus": 0.5}} for name in ("CoarseGate", "Zoom")],
+        }],
+    }))
+    with _ray_head(workdir / "ray.log") as (ray_address, metrics_port):
+        with qzoom_serve(workdir / "serve.log", "--config", str(config), env={"RAY_ADDRESS": ray_address}) as addr:
+            yield SharedService(addr, workdir / "serve.log", ray_address, metrics_port)
