@@ -18,6 +18,7 @@ redis = pytest.importorskip("redis", reason="the redis client is not installed")
 
 from qzoom_service.cache import CoarseFeatures, FeatureKey, RedisCache  # noqa: E402
 
+from ..helpers import free_port  # noqa: E402
 from .conftest import REDIS_URL, redis_reachable as _reachable  # noqa: E402
 
 if not _reachable(REDIS_URL):
@@ -55,11 +56,6 @@ def _features() -> CoarseFeatures:
     embeds = torch.randn(20, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     return CoarseFeatures(embeds=embeds, grid_thw=torch.tensor([[1, 8, 10]]))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float) -> bool:
@@ -133,7 +129,7 @@ def test_oversized_values_are_not_stored(prefix):
 
 
 def test_closed_port_gives_misses_errors_and_one_log_line(caplog):
-    cache = RedisCache(f"redis://127.0.0.1:{_free_port()}/0", socket_timeout=0.2)
+    cache = RedisCache(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.2)
     caplog.set_level(logging.WARNING, logger="qzoom_service.cache")
     start = time.monotonic()
     for _ in range(20):
@@ -165,7 +161,7 @@ def test_unresponsive_server_times_out_into_a_miss():
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server binary not on PATH")
 def test_cache_recovers_after_redis_restarts():
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     procs = []
@@ -226,7 +222,7 @@ def test_count_within_limit_is_one_atomic_step_on_redis(prefix, raw):
 
 
 def test_count_within_limit_fails_open_when_redis_is_down():
-    cache = RedisCache(f"redis://127.0.0.1:{_free_port()}/0", socket_timeout=0.2)
+    cache = RedisCache(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.2)
     assert cache.count_within_limit("crops:img", 1) is True and cache.count_within_limit("crops:img", 1) is True
     assert cache.stats()["errors"] == 2
 
@@ -234,6 +230,6 @@ def test_count_within_limit_fails_open_when_redis_is_down():
 def test_the_reachability_check_says_false_for_a_closed_port_instead_of_raising():
     # What test_serve_grpc skips on: redis-py's ping() raises ConnectionError here, it never returns False.
     with pytest.raises(redis.ConnectionError):
-        redis.Redis(host="127.0.0.1", port=_free_port(), socket_timeout=0.5).ping()
-    assert _reachable(f"redis://127.0.0.1:{_free_port()}/0") is False
+        redis.Redis(host="127.0.0.1", port=free_port(), socket_timeout=0.5).ping()
+    assert _reachable(f"redis://127.0.0.1:{free_port()}/0") is False
     assert _reachable(REDIS_URL) is True

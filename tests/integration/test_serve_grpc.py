@@ -26,7 +26,7 @@ from PIL import Image
 from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
 from qzoom_client._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
 
-from ..helpers import TINY_BUDGET, make_image
+from ..helpers import TINY_BUDGET, make_image, png
 from .conftest import REDIS_URL, redis_reachable
 
 ray = pytest.importorskip("ray")
@@ -37,11 +37,6 @@ from qzoom_service.serve.run import wait_until_healthy  # noqa: E402
 
 KEYS = "key-one,key-two"
 
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @dataclass
@@ -101,7 +96,7 @@ def service(qzoom_service, tiny_checkpoint):
             client.delete(key)
 
 
-IMAGE = _png(make_image(640, 480, seed=21))
+IMAGE = png(make_image(640, 480, seed=21))
 
 
 def _answer(image=None, image_id=None, question="What colour is the box?", **options):
@@ -124,7 +119,7 @@ def test_answer_on_both_forced_routes(service):
 
 
 def test_upload_once_then_zoom_regions_reuse_the_cached_coarse_features(service):
-    image = _png(make_image(500, 400, seed=22))
+    image = png(make_image(500, 400, seed=22))
     first = service.call("UploadImage", pb.UploadImageRequest(image=image))
     again = service.call("UploadImage", pb.UploadImageRequest(image=image))
     assert first.image_id == again.image_id and len(first.image_id) == 64
@@ -141,7 +136,7 @@ def test_upload_once_then_zoom_regions_reuse_the_cached_coarse_features(service)
 
 
 def test_answers_are_identical_with_and_without_the_cache(service):
-    request = _answer(image=_png(make_image(600, 420, seed=23)), gate_threshold=0.0, roi_threshold=0.5)
+    request = _answer(image=png(make_image(600, 420, seed=23)), gate_threshold=0.0, roi_threshold=0.5)
     cold = service.call("Answer", request)
     warm = service.call("Answer", request)
     uncached = service.call("Answer", request, app="noredis")
@@ -180,7 +175,7 @@ def test_typed_errors_keep_their_code_through_the_proxy_and_from_inside_the_zoom
 def test_a_zoom_travels_once_the_zoom_replica_runs_no_coarse_vision_tower(service):
     # `secured` has no Redis: each replica has its own in-process cache, so only what travels with the
     # plan can spare the Zoom replica the coarse vision tower.
-    request = _answer(image=_png(make_image(520, 390, seed=25)), mode=pb.MODE_ZOOM, roi_threshold=0.5)
+    request = _answer(image=png(make_image(520, 390, seed=25)), mode=pb.MODE_ZOOM, roi_threshold=0.5)
     cold, warm = (service.call("Answer", request, app="secured", key="key-one") for _ in range(2))
     assert (cold.route, warm.route) == (pb.ROUTE_ZOOM, pb.ROUTE_ZOOM) and (cold.cache_hit, warm.cache_hit) == (False,
                                                                                                                True)
@@ -190,7 +185,7 @@ def test_a_zoom_travels_once_the_zoom_replica_runs_no_coarse_vision_tower(servic
 
 
 def test_crops_per_image_are_limited_and_existing_crops_stay_usable(service):
-    image_id = service.call("UploadImage", pb.UploadImageRequest(image=_png(make_image(300, 300, seed=24)))).image_id
+    image_id = service.call("UploadImage", pb.UploadImageRequest(image=png(make_image(300, 300, seed=24)))).image_id
 
     def crop(i):
         box = pb.Box(x1=10 * i, y1=0, x2=10 * i + 60, y2=60)

@@ -22,22 +22,17 @@ from qzoom_service.errors import LimitExceeded, Overloaded
 from qzoom_service.serve import servicer as servicer_module
 from qzoom_service.serve.servicer import QZoomServicer, in_process
 
-from ..helpers import TINY_BUDGET, make_image
+from ..helpers import TINY_BUDGET, make_image, png
 
 KEYS = frozenset({"key-one", "key-two"})
 
 
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
-
-IMAGE = _png(make_image(640, 480, seed=21))
+IMAGE = png(make_image(640, 480, seed=21))
 
 
 def _bomb() -> bytes:
-    data = bytearray(_png(Image.new("RGB", (8, 8))))
+    data = bytearray(png(Image.new("RGB", (8, 8))))
     data[16:24] = struct.pack(">II", 5000, 5000)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     return bytes(data)
@@ -175,7 +170,7 @@ def test_upload_answers_unavailable_when_the_store_cannot_hold_the_image(engine)
 
 def test_bad_zoom_regions_get_their_status_code(service):
     kept = _upload(service)
-    other = _upload(service, _png(make_image(300, 300, seed=3)))
+    other = _upload(service, png(make_image(300, 300, seed=3)))
     crop_id = call(service, "ZoomRegion", _zoom(kept, (0, 0, 320, 240)))[0].crop_id
     cases = [
         (pb.ZoomRegionRequest(image_id=kept, space=pb.COORD_SPACE_ORIGINAL), "box is required"),
@@ -219,7 +214,7 @@ def test_zoom_regions_in_every_space_and_crops_of_crops(service):
 
 
 def test_crops_per_image_are_limited_and_existing_crops_stay_usable(service):
-    image_id = _upload(service, _png(make_image(300, 300, seed=24)))
+    image_id = _upload(service, png(make_image(300, 300, seed=24)))
     for i in range(4):
         assert status(service, "ZoomRegion", _zoom(image_id, (10 * i, 0, 10 * i + 60, 60)))[0] == grpc.StatusCode.OK
     code, details = status(service, "ZoomRegion", _zoom(image_id, (50, 0, 110, 60)))
