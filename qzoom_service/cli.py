@@ -109,8 +109,8 @@ def cmd_bench(args) -> int:
 
     config = engine_config_from_args(args)
     engine = QZoomEngine(load_for_config(config), config)
-    methods = default_methods(baseline_tokens=args.baseline_tokens, coarse_tokens=args.coarse_tokens,
-                              gate_thresholds=args.gate_thresholds or (None,))
+    methods = default_methods(engine.loaded.factor, baseline_tokens=args.baseline_tokens,
+                              coarse_tokens=args.coarse_tokens, gate_thresholds=args.gate_thresholds or (None,))
     report = run_bench(engine, split=args.split, n=args.n, seed=args.seed, methods=methods, out_dir=args.out,
                        max_new_tokens=args.max_new_tokens)
     if args.json:

@@ -19,15 +19,10 @@ from pathlib import Path
 
 from .errors import InvalidInput
 
-__all__ = ["EngineConfig", "RequestOptions", "MODES", "TOKEN_PIXELS", "QWEN25_VL_FACTOR", "MAX_BUDGET_TOKENS"]
+__all__ = ["EngineConfig", "RequestOptions", "MODES", "MAX_BUDGET_TOKENS"]
 
 MODES = ("auto", "direct", "zoom")
 MAX_BUDGET_TOKENS = 16384  # largest pixel budget, in merged tokens (the qwen-vl-utils bound)
-# Qwen2.5-VL's merged-token side (14 px patches, 2x2 merge) and pixels per token. Only training and the
-# benchmark runner still use them, to turn their fixed token budgets into pixels before a model is
-# loaded; everything else reads `LoadedModel.factor` (patch_size x spatial_merge_size of the vision config).
-QWEN25_VL_FACTOR = 28
-TOKEN_PIXELS = QWEN25_VL_FACTOR**2
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 

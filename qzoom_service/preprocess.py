@@ -27,10 +27,6 @@ from .types import Prepared, Request
 
 __all__ = ["Processor", "prepare", "load_image", "resolve_options", "preresize"]
 
-# Qwen2.5-VL's 2x2 token merge. Only training still imports it (its fixed budgets); the engine reads
-# `Processor.merge_size`.
-MERGE = 2
-
 
 @dataclass
 class Processor:

@@ -29,6 +29,7 @@ The figures in the model card come from `qzoom bench` on held-out seeds (see the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -40,11 +41,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from qzoom_service.config import TOKEN_PIXELS
 from qzoom_service.engine import QZoomEngine
 from qzoom_service.heads import QZoomBranches
 from qzoom_service.model import EMBEDDED_MODEL_DIR, LoadedModel, load_model
-from qzoom_service.released import CheckpointConfig
+from qzoom_service.released import CheckpointConfig, read_config, write_config_keys
 from qzoom_service.synthetic import generate, make_sample, write_dataset
 from qzoom_service.tiny import TinySpec, build_tiny
 from qzoom_service.train.base import BoxLocator, make_example, save_base, train_base
@@ -64,6 +64,7 @@ SPEC = TinySpec(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num
                 initializer_range=0.02, rope_theta=10000.0, branch_layer=2, rpn_depth=2, gate_depth=1,
                 reuse_src_pos=True, repetition_penalty=1.0)
 COARSE_TOKENS = 144  # the serving budget of the coarse view and of the zoom re-encode
+COARSE_PIXELS = COARSE_TOKENS * (SPEC.patch_size * SPEC.merge_size) ** 2
 TRAIN_BUDGETS = (121, 144, 169)  # mild scale jitter around it
 
 
@@ -227,7 +228,8 @@ def stage_rpn(work: Path, args) -> Path:
         # only when it spans all of them.
         # Fine questions only: the twig is consulted when the gate opens, and the big shape's boxes taught
         # it to light up the big shape for every question.
-        samples = rpn_samples_from_boxes(fine, token_budget=COARSE_TOKENS, pad_square=False, touched="foreground")
+        samples = rpn_samples_from_boxes(fine, factor=SPEC.patch_size * SPEC.merge_size, token_budget=COARSE_TOKENS,
+                                         pad_square=False, touched="foreground")
     held = samples[-args.rpn_holdout:]
     config = TrainConfig(lr=args.rpn_lr, batch_size=16, steps=args.rpn_steps, warmup=0.05, seed=args.seed,
                          save_every=50)
@@ -275,7 +277,7 @@ def calibrate_roi(work: Path, args) -> float:
     if cached.is_file():
         return json.loads(cached.read_text())["roi_threshold"]
     engine = QZoomEngine(load_model(str(work / "rpn" / "model")))
-    budget = COARSE_TOKENS * TOKEN_PIXELS
+    budget = COARSE_PIXELS
     held_out = (s for split in ("hr", "doc")
                 for s in generate(split, args.roi_calibration // 2, TRAIN_SEED + 200, fine_fraction=1.0))
     chosen, rows = calibrate_roi_threshold(engine, held_out, thresholds=ROI_THRESHOLDS, tolerance=0.02,
@@ -296,14 +298,15 @@ def stage_export(work: Path, args) -> Path:
     if staged.exists():
         shutil.rmtree(staged)
     shutil.copytree(work / "gate" / "model", staged)
-    cfg = json.loads((staged / "config.json").read_text())
+    config_json = staged / "config.json"
     calibration = json.loads((work / "gate" / "calibration.json").read_text())
-    cfg.update(coarse_min_pixels=COARSE_TOKENS * TOKEN_PIXELS, coarse_max_pixels=COARSE_TOKENS * TOKEN_PIXELS,
-               roi_thresh=json.loads((work / "rpn" / "roi_threshold.json").read_text())["roi_threshold"],
-               high_res_thresh=choose_gate_threshold(calibration["table"]))
-    (staged / "config.json").write_text(json.dumps(cfg, indent=2))
+    serving = dataclasses.replace(
+        read_config(json.loads(config_json.read_text())), min_pixels=COARSE_PIXELS, max_pixels=COARSE_PIXELS,
+        roi_threshold=json.loads((work / "rpn" / "roi_threshold.json").read_text())["roi_threshold"],
+        gate_threshold=choose_gate_threshold(calibration["table"]))
+    write_config_keys(config_json, serving)
     engine = QZoomEngine(load_model(str(staged)))
-    methods = default_methods(coarse_tokens=(COARSE_TOKENS,))
+    methods = default_methods(engine.loaded.factor, coarse_tokens=(COARSE_TOKENS,))
     for split, seed in BENCH_SEEDS.items():
         run_bench(engine, split=split, n=args.bench_n, seed=seed, methods=methods, out_dir=work / "bench" / split)
     return stage_card(work, args)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import TOKEN_PIXELS, RequestOptions
+from ..config import RequestOptions
 from ..overlay import draw_overlay
 from ..types import Request
 from ..synthetic import Sample, box_contains, chance_accuracy, generate
@@ -34,17 +34,20 @@ class Method:
     is_qzoom: bool
 
 
-def default_methods(baseline_tokens=(144, 576, 1024, 2304), coarse_tokens=(144, 256),
+def default_methods(factor: int, baseline_tokens=(144, 576, 1024, 2304), coarse_tokens=(144, 256),
                     gate_thresholds=(None,)) -> list[Method]:
-    methods = [Method(f"baseline@{n}", RequestOptions(mode="direct", min_pixels=min(256, n) * TOKEN_PIXELS,
-                                                     max_pixels=n * TOKEN_PIXELS), False)
+    """Baselines at each token budget and Q-Zoom at each coarse budget; `factor`: the model's pixels per
+    merged-token side (budgets are in tokens, options in pixels)."""
+    token_pixels = factor**2
+    methods = [Method(f"baseline@{n}", RequestOptions(mode="direct", min_pixels=min(256, n) * token_pixels,
+                                                     max_pixels=n * token_pixels), False)
                for n in baseline_tokens]
     for n in coarse_tokens:
         for tau in gate_thresholds:
             name = f"qzoom@{n}" + (f"/{tau}" if tau is not None else "")
             methods.append(Method(name, RequestOptions(mode="auto", gate_threshold=tau,
-                                                       min_pixels=min(256, n) * TOKEN_PIXELS,
-                                                       max_pixels=n * TOKEN_PIXELS), True))
+                                                       min_pixels=min(256, n) * token_pixels,
+                                                       max_pixels=n * token_pixels), True))
     return methods
 
 
@@ -96,7 +99,7 @@ class _Tally:
 def run_bench(engine, *, split: str = "hr", n: int = 40, seed: int = 1000, methods: list[Method] | None = None,
               out_dir: str | Path | None = None, overlays: int = 4, max_new_tokens: int = 12) -> dict:
     samples = generate(split, n, seed)
-    methods = methods or default_methods()
+    methods = methods or default_methods(engine.loaded.factor)
     summary: dict = {}
     overlay_results = []
     for method in methods:

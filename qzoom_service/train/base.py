@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..coarse import embed_prompt, rope_positions
-from ..config import TOKEN_PIXELS
 from ..errors import InvalidInput
-from ..preprocess import MERGE, preresize
+from ..preprocess import preresize
 from ..released import BRANCH_KEYS
 from ..rpn import cell_box_to_original, original_to_cell_box
 from ..synthetic import stable_seed
@@ -62,9 +61,9 @@ def make_example(processor, image, question: str, answer: str, budget_tokens: in
     """Encode `image` at exactly `budget_tokens` (the engine's min = max budget) and, with `zoom_box`
     (original pixels), the crop over the grid cells that box touches, at the same budget. `locate_box`
     (original pixels) gives the `BoxLocator` its target cells."""
-    pixels = budget_tokens * TOKEN_PIXELS
+    pixels = budget_tokens * processor.factor**2
     pixel_values, grid = processor.encode_image(preresize(image, processor.factor), pixels, pixels)
-    hm, wm = int(grid[0, 1]) // MERGE, int(grid[0, 2]) // MERGE
+    hm, wm = int(grid[0, 1]) // processor.merge_size, int(grid[0, 2]) // processor.merge_size
     prompt = processor.prompt_ids(question, hm * wm)[0]
     end = processor.token_id("<|im_end|>")
     answer_ids = processor.tokenizer(answer, add_special_tokens=False)["input_ids"] + [end]
@@ -75,7 +74,7 @@ def make_example(processor, image, question: str, answer: str, budget_tokens: in
         box = cell_box_to_original(cell_box, (hm, wm), image.size, factor=processor.factor)
         encoded = encode_crop(processor, image, box, pixels, pixels)
         if encoded is None:
-            raise InvalidInput(f"zoom box {zoom_box} gives a crop under 28 px on {image.size}")
+            raise InvalidInput(f"zoom box {zoom_box} gives a crop under {processor.factor} px on {image.size}")
         crop = (*encoded, cell_box)
     target_cells = None
     if locate_box is not None:
@@ -136,7 +135,7 @@ def _vision(model, examples: list[BaseExample]) -> tuple[list, list]:
     visual = model.model.visual
     grid = torch.cat(grids).to(visual.device)
     merged = visual(torch.cat(pixels).to(device=visual.device, dtype=visual.dtype), grid_thw=grid).pooler_output
-    parts = iter(torch.split(merged, (grid.prod(-1) // MERGE**2).tolist()))
+    parts = iter(torch.split(merged, (grid.prod(-1) // model.config.vision_config.spatial_merge_size**2).tolist()))
     coarse, roi = [], []
     for ex in examples:
         coarse.append(next(parts))
@@ -152,8 +151,9 @@ def _sequence(model, ex: BaseExample, coarse_embeds, roi_embeds, reuse_src_pos: 
     pos = rope_positions(model, ids, ex.grid_thw.to(device))
     if roi_embeds is None:
         return x[0], pos[:, 0].float()
-    hw = (int(ex.grid_thw[0, 1]) // MERGE, int(ex.grid_thw[0, 2]) // MERGE)
-    roi_hw = (int(ex.crop[1][0, 1]) // MERGE, int(ex.crop[1][0, 2]) // MERGE)
+    merge = model.config.vision_config.spatial_merge_size
+    hw = (int(ex.grid_thw[0, 1]) // merge, int(ex.grid_thw[0, 2]) // merge)
+    roi_hw = (int(ex.crop[1][0, 1]) // merge, int(ex.crop[1][0, 2]) // merge)
     start = int((ids[0] == model.config.image_token_id).nonzero()[0, 0])
     zin = splice_roi(x, pos, start, roi_embeds, hw, roi_hw, ex.crop[2], reuse_src_pos)
     return zin.embeds[0], zin.positions[:, 0].float()

@@ -215,7 +215,8 @@ def cmd_rpn(args) -> int:
         samples, dropped = rpn_samples_from_pseudo(load_pseudo_labels(args.data), **rules)
         log.info("%d samples; %d dropped (all cells ignored: box too large or peak too weak)", len(samples), dropped)
     else:
-        samples = rpn_samples_from_boxes(_records(args, loaded.processor.tokenizer), token_budget=args.token_budget,
+        samples = rpn_samples_from_boxes(_records(args, loaded.processor.tokenizer), factor=loaded.factor,
+                                         token_budget=args.token_budget,
                                          pad_square=not args.no_square_pad, touched=args.touched_cells)
     samples = samples[: args.limit] if args.limit else samples
     result = train_rpn(loaded, samples, _config(args), K=args.K, T=args.T,
@@ -226,7 +227,6 @@ def cmd_rpn(args) -> int:
 
 
 def cmd_calibrate_roi(args) -> int:
-    from ..config import TOKEN_PIXELS
     from ..engine import QZoomEngine
     from .calibrate import (ROI_THRESHOLDS, boxed_questions, calibrate_roi_threshold, roi_table_text,
                             write_serving_thresholds)
@@ -235,8 +235,8 @@ def cmd_calibrate_roi(args) -> int:
         raise InvalidInput(f"--write-config needs a local checkpoint directory; {args.model} has no config.json")
     records = _records(args, tokenizer=None)
     questions = boxed_questions(records)  # every box checked before the model loads
-    pixels = args.token_budget * TOKEN_PIXELS if args.token_budget is not None else None
     engine = QZoomEngine(_load(args))
+    pixels = args.token_budget * engine.loaded.factor**2 if args.token_budget is not None else None
     chosen, table = calibrate_roi_threshold(engine, questions, thresholds=args.thresholds or ROI_THRESHOLDS,
                                             tolerance=args.tolerance, min_pixels=pixels, max_pixels=pixels,
                                             progress=not args.quiet)

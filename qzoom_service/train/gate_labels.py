@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import TOKEN_PIXELS, EngineConfig, RequestOptions
+from ..config import EngineConfig, RequestOptions
 from ..errors import InvalidInput
 from ..synthetic import stable_seed
 from ..types import Request
@@ -188,11 +188,12 @@ def make_answer_ladders(loaded, records: list[Record], resolutions, *, prompt_su
         raise InvalidInput("zoom_top needs a checkpoint with a trained SD-RPN (twig) branch: train stage 1 first")
     modes = ["direct"] * (len(res) - zoom_top) + ["zoom"] * zoom_top
     engine = QZoomEngine(loaded, EngineConfig(max_new_tokens=max_new_tokens, max_batch_size=len(res)))
+    token_pixels = loaded.factor**2
     ladders = []
     for record in tqdm(records, desc="gate-labels", disable=not progress):
         image = open_image(record.image, record.where())
         requests = [Request(image, record.question, RequestOptions(
-            mode=mode, min_pixels=r * TOKEN_PIXELS, max_pixels=r * TOKEN_PIXELS, prompt_suffix=prompt_suffix,
+            mode=mode, min_pixels=r * token_pixels, max_pixels=r * token_pixels, prompt_suffix=prompt_suffix,
         )) for r, mode in zip(res, modes)]
         answers = tuple(result.answer for result in engine.answer(requests))
         ladders.append(Ladder(record.uid, record.row, record.image, record.question, record.answer, res, answers))

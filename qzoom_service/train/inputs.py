@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from ..coarse import encode_images, prefill_to_k
-from ..config import RequestOptions, TOKEN_PIXELS
-from ..preprocess import MERGE, preresize
+from ..config import RequestOptions
+from ..preprocess import preresize
 from ..types import CoarseState, Prepared
 
 __all__ = ["PAD_COLOUR", "square_pad", "padded_frame", "encode_at_budget", "trunk_state", "for_branch"]
@@ -42,14 +42,14 @@ def padded_frame(original_size: tuple[int, int]) -> tuple[int, int, int]:
 
 
 def encode_at_budget(processor, image: Image.Image, question: str, tokens: int) -> Prepared:
-    """Tokenize the chat prompt and encode `image` at min = max = `tokens` x 28 x 28 pixels.
+    """Tokenize the chat prompt and encode `image` at min = max = `tokens` merged tokens (x factor^2 pixels).
 
     The fixed budget is how both training stages feed images (the reference's stage-1 script and its
     `create_high_res_signal`).
     """
-    pixels = tokens * TOKEN_PIXELS
+    pixels = tokens * processor.factor**2
     pixel_values, grid = processor.encode_image(preresize(image, processor.factor), pixels, pixels)
-    num_visual = int(grid[0].prod()) // (MERGE * MERGE)
+    num_visual = int(grid[0].prod()) // processor.merge_size**2
     input_ids = processor.prompt_ids(question, num_visual)
     return Prepared(original=image, input_ids=input_ids, pixel_values=pixel_values, grid_thw=grid,
                     options=RequestOptions(min_pixels=pixels, max_pixels=pixels), patch_size=processor.patch_size,

@@ -24,7 +24,6 @@ from qzoom_client.coords import input_size_for
 from tqdm import tqdm
 
 from ..coarse import encode_images
-from ..config import QWEN25_VL_FACTOR, TOKEN_PIXELS
 from ..errors import InvalidInput
 from ..rpn import blur3, cells_to_box
 from .checkpoint import atomic_dir
@@ -327,10 +326,10 @@ def rpn_samples_from_pseudo(labels: PseudoLabelSet, **rules) -> tuple[list[RPNSa
     return out, dropped
 
 
-def rpn_samples_from_boxes(records: list[Record], *, token_budget: int = 576, pad_square: bool = True,
+def rpn_samples_from_boxes(records: list[Record], *, factor: int, token_budget: int = 576, pad_square: bool = True,
                            touched: str = "ignore") -> list[RPNSample]:
     """Ground-truth-box mode: each record needs `target_box` [x1, y1, x2, y2] (or a list of boxes);
-    `touched` as in `labels_from_boxes`."""
+    `touched` as in `labels_from_boxes`; `factor`: the model's pixels per merged-token side."""
     out = []
     for r in records:
         box = r.extra.get("target_box")
@@ -338,8 +337,9 @@ def rpn_samples_from_boxes(records: list[Record], *, token_budget: int = 576, pa
             raise InvalidInput(f"{r.where()}: box labels need a 'target_box' [x1, y1, x2, y2] key")
         size = image_size(r.image, r.where())
         frame = (padded_frame(size)[0],) * 2 if pad_square else size
-        w, h = input_size_for(*frame, token_budget * TOKEN_PIXELS, token_budget * TOKEN_PIXELS, QWEN25_VL_FACTOR)
-        out.append(RPNSample(r.uid, r.image, r.question, labels_from_boxes(box, (h // 28, w // 28), size,
+        pixels = token_budget * factor**2
+        w, h = input_size_for(*frame, pixels, pixels, factor)
+        out.append(RPNSample(r.uid, r.image, r.question, labels_from_boxes(box, (h // factor, w // factor), size,
                                                                           pad_square=pad_square, touched=touched),
                              size, token_budget, pad_square))
     return out

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from qzoom_service.synthetic import ANSWER_VOCAB, box_contains, make_sample
-from qzoom_service.config import TOKEN_PIXELS, EngineConfig, RequestOptions
+from qzoom_service.config import EngineConfig, RequestOptions
 from qzoom_service.engine import QZoomEngine
 from qzoom_service.model import EMBEDDED_MODEL_DIR, load_for_config
 from qzoom_service.types import Request
@@ -41,7 +41,7 @@ def test_the_embedded_model_is_the_trained_one_within_size(engine):
     assert engine.branches.has_rpn and engine.branches.has_gate
     assert (EMBEDDED_MODEL_DIR / "README.md").is_file()
     # Its own serving defaults: the 144-token coarse budget it was trained at.
-    assert engine.config.min_pixels == engine.config.max_pixels == 144 * TOKEN_PIXELS
+    assert engine.config.min_pixels == engine.config.max_pixels == 144 * engine.loaded.factor**2 == 144 * 28 * 28
 
 
 def test_coarse_questions_are_answered_from_the_coarse_view_and_no_worse_with_the_gate(engine):

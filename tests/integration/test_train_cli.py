@@ -68,7 +68,7 @@ def test_the_four_commands_chain_into_a_loadable_checkpoint(tiny_checkpoint, dat
     table = json.loads((tmp_path / "gate2" / "calibration.json").read_text())
     best = max(r["accuracy"] for r in table)
     tied = [r["threshold"] for r in table if r["accuracy"] == best]
-    assert load_model(str(tmp_path / "gate2" / "model")).default_gate_threshold == pytest.approx(
+    assert load_model(str(tmp_path / "gate2" / "model")).checkpoint.gate_threshold == pytest.approx(
         sorted(tied)[(len(tied) - 1) // 2])
 
 
@@ -83,7 +83,7 @@ def test_calibrate_roi_chooses_and_writes_the_tightest_threshold_near_the_best(t
     best = max(r["hit_rate"] for r in table)
     assert info["roi_threshold"] == max(r["threshold"] for r in table if r["hit_rate"] >= best - 0.02)
     assert json.loads((tmp_path / "roi.json").read_text()) == {"roi_threshold": info["roi_threshold"], "table": table}
-    assert load_model(str(model)).default_roi_threshold == pytest.approx(info["roi_threshold"])
+    assert load_model(str(model)).checkpoint.roi_threshold == pytest.approx(info["roi_threshold"])
 
 
 def test_calibrate_roi_refuses_a_row_without_a_box_before_loading(tiny_checkpoint, data, tmp_path, capsys):

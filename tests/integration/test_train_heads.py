@@ -50,7 +50,7 @@ def records(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rpn_samples(records):
-    return rpn_samples_from_boxes(records, token_budget=BUDGET)
+    return rpn_samples_from_boxes(records, factor=28, token_budget=BUDGET)
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +257,6 @@ def test_a_save_killed_midway_leaves_no_complete_looking_checkpoint(tiny_loaded,
 
 
 def test_zoom_top_rungs_are_answered_through_the_zoom_route(tiny_loaded, records):
-    from qzoom_service.config import TOKEN_PIXELS
     from qzoom_service.train.gate_labels import make_answer_ladders
 
     res = (16, 25, 36)
@@ -267,7 +266,7 @@ def test_zoom_top_rungs_are_answered_through_the_zoom_route(tiny_loaded, records
     for ladder, record in zip(ladders.ladders, records):
         image = _image(record)
         ask = lambda r, mode: engine.answer([Request(image, record.question, RequestOptions(  # noqa: E731
-            mode=mode, min_pixels=r * TOKEN_PIXELS, max_pixels=r * TOKEN_PIXELS))])[0]
+            mode=mode, min_pixels=r * tiny_loaded.factor**2, max_pixels=r * tiny_loaded.factor**2))])[0]
         assert ladder.answers[0] == ask(16, "direct").answer
         top = ask(36, "zoom")
         assert top.route == "zoom" and ladder.answers[2] == top.answer

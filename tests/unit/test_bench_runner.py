@@ -41,7 +41,7 @@ def test_answer_matching_is_first_word_normalised():
 def test_rates_follow_the_engine_outputs(tmp_path):
     samples = generate("hr", 12, seed=5)
     engine = ScriptedEngine(samples)
-    methods = [m for m in default_methods(baseline_tokens=(144,), coarse_tokens=(144,)) if m.is_qzoom]
+    methods = [m for m in default_methods(28, baseline_tokens=(144,), coarse_tokens=(144,)) if m.is_qzoom]
     report = run_bench(engine, split="hr", n=12, seed=5, methods=methods, out_dir=tmp_path)
     m = report["methods"]["qzoom@144"]
     n_fine = sum(s.kind == "fine" for s in samples)

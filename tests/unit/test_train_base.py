@@ -10,7 +10,7 @@ import torch
 
 from qzoom_service.synthetic import make_sample
 from qzoom_service.coarse import encode_images, prefill_to_k
-from qzoom_service.config import RequestOptions, TOKEN_PIXELS
+from qzoom_service.config import RequestOptions
 from qzoom_service.model import load_model
 from qzoom_service.released import CheckpointConfig
 from qzoom_service.rpn import cell_box_to_original, original_to_cell_box
@@ -62,7 +62,7 @@ def test_training_sequence_is_the_engines_fused_sequence(tiny, samples, reuse_sr
         coarse, roi = _vision(model, [ex])
         embeds, positions = _sequence(model, ex, coarse[0], roi[0], reuse_src_pos)
     prompt_ids = ex.input_ids[: -ex.answer_len][None]
-    pixels = BUDGET * TOKEN_PIXELS
+    pixels = BUDGET * processor.factor**2
     prepared = Prepared(fine.image, prompt_ids, ex.pixel_values, ex.grid_thw,
                         RequestOptions(min_pixels=pixels, max_pixels=pixels), processor.patch_size,
                         processor.merge_size)
