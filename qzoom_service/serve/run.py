@@ -359,11 +359,11 @@ def serve_forever(plan: ServePlan) -> None:
     import ray
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     running = None
     try:
         running = _start(plan)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
+            signal.signal(sig, lambda *_: stop.set())
         grpc_port = plan.config["grpc_options"]["port"]
         http = plan.config["http_options"]
         print(f"  gRPC proxy: [::]:{grpc_port}, every interface (Ray Serve's gRPC proxy has no host option)\n"
