@@ -706,6 +706,7 @@ def test_dockerfile_runs_as_non_root_and_installs_the_package():
     assert {8000, 9000, 8265, 6379, 8080} <= exposed
     env = " ".join(arg for ins, arg in lines if ins == "ENV")
     assert "HF_HOME=/home/ray/.cache/huggingface" in env
+    assert "QZOOM_SERVE_HOST=0.0.0.0" in env  # `qzoom serve` reachable from outside the container
     args = {arg.split("=")[0]: arg.split("=", 1)[1] for ins, arg in lines if ins == "ARG" and "=" in arg}
     ray_version = yaml.safe_load((CHART / "values.yaml").read_text())["rayVersion"]
     assert args["RAY_IMAGE"].startswith(f"rayproject/ray:{ray_version}-"), "image Ray == chart rayVersion"
