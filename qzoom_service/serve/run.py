@@ -231,7 +231,8 @@ def _check_model(model: str | None, offline: bool) -> None:
     try:
         validate_repo_id(model)
     except HFValidationError:
-        raise InvalidInput(f"model {model}: no such directory, and not a Hugging Face hub id (namespace/name)") from None
+        raise InvalidInput(f"model {model}: no such directory, and not a Hugging Face hub id "
+                           "(namespace/name)") from None
     if path.exists() or model.startswith((".", "/", "~")):
         raise InvalidInput(f"model {model}: no such directory")
     if offline and not isinstance(try_to_load_from_cache(model, "config.json"), str):
@@ -333,8 +334,8 @@ def wait_until_deployed(dashboard: str, names, timeout_s: float = 300.0) -> None
         status = {name: (apps.get(name) or {}).get("status") for name in names}
         failed = [name for name, s in status.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
         if failed:
-            reason = (apps[failed[0]].get("message") or "").strip().splitlines()
-            raise Unavailable(f"application {failed[0]} failed to deploy: {reason[-1] if reason else 'no reason given'}")
+            reason = (apps[failed[0]].get("message") or "").strip().splitlines() or ["no reason given"]
+            raise Unavailable(f"application {failed[0]} failed to deploy: {reason[-1]}")
         if all(s == "RUNNING" for s in status.values()):
             return
         if time.monotonic() > deadline:
