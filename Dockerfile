@@ -12,13 +12,15 @@ FROM ${RAY_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=""
 
+# QZOOM_SERVE_HOST: `qzoom serve` in a container binds every interface (on a laptop: loopback).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     XDG_CACHE_HOME=/home/ray/.cache \
     HF_HOME=/home/ray/.cache/huggingface \
-    TRITON_CACHE_DIR=/home/ray/.cache/triton
+    TRITON_CACHE_DIR=/home/ray/.cache/triton \
+    QZOOM_SERVE_HOST=0.0.0.0
 
 # Non-root from the first layer on: the base image's `ray` user owns its Python environment.
 USER 1000:100

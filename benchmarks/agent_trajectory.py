@@ -83,14 +83,16 @@ def summarise(runs: list[list[dict]]) -> dict:
 
 
 def start_nocache(model: str | None) -> None:
-    from ray import serve
+    import ray
 
-    from qzoom_service.serve.app import build_app
+    from qzoom_service.serve.run import deploy
+    from qzoom_service.serve.settings import IMPORT_PATH
 
     small = {"ray_actor_options": {"num_cpus": 0.5}}
     args = {"model": model, **ENGINE_ARGS, "cache_max_bytes": 1}  # nothing fits: every request recomputes
-    serve.run(build_app(args, {"CoarseGate": small, "Zoom": small}), name="nocache", route_prefix="/nocache",
-              blocking=False)
+    app = {"name": "nocache", "route_prefix": "/nocache", "import_path": IMPORT_PATH, "args": args,
+           "deployments": [{"name": n, **small} for n in ("CoarseGate", "Zoom")]}
+    deploy(f"http://{ray.init(ignore_reinit_error=True).dashboard_url}", {"applications": [app]})
 
 
 def plot(result: dict, out: Path) -> None:

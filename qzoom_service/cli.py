@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -95,10 +96,15 @@ def cmd_answer(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve.run import serve_forever
+    from .serve.run import plan_local, serve_forever
 
-    serve_forever(model=args.model, redis_url=args.redis_url, grpc_port=args.grpc_port, http_port=args.http_port,
-                  host=args.host, config_path=args.config)
+    plan = plan_local(model=args.model, redis_url=args.redis_url, grpc_port=args.grpc_port, http_port=args.http_port,
+                      host=args.host, config_path=args.config, device=args.device, dtype=args.dtype,
+                      api_keys=args.api_key, api_key_file=args.api_key_file, metrics_port=args.metrics_port,
+                      dashboard_port=args.dashboard_port, offline=args.offline)
+    if args.offline:  # this process too: nothing here reaches for the hub
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    serve_forever(plan)
     return 0
 
 
@@ -152,9 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="checkpoint directory or hub id; default: the embedded model")
     serve.add_argument("--redis-url", help="redis://host:6379/0 shares coarse features across replicas; "
                                            "default: an in-process cache per replica")
+    serve.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu, or the config's)")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32, or the config's")
+    serve.add_argument("--api-key", action="append", default=[],
+                       help="require this API key (repeat for several); default: auth off")
+    serve.add_argument("--api-key-file", help="file with API keys, comma- or line-separated")
     serve.add_argument("--grpc-port", type=int, help="default 9000 (or the config's)")
     serve.add_argument("--http-port", type=int, help="Ray Serve HTTP proxy port, default 8000 (or the config's)")
-    serve.add_argument("--host", default="127.0.0.1", help="HTTP proxy bind address (default 127.0.0.1)")
+    serve.add_argument("--metrics-port", type=int, help="Ray's Prometheus exporter port (default: a free one, printed)")
+    serve.add_argument("--dashboard-port", type=int,
+                       help="Ray dashboard port, default 8265 (what `serve status` and `serve deploy` use)")
+    serve.add_argument("--host", help="bind address of the HTTP proxy and the dashboard (default "
+                                      "$QZOOM_SERVE_HOST, else 127.0.0.1); Ray's gRPC proxy binds every interface")
+    serve.add_argument("--offline", action="store_true",
+                       help="never contact the Hugging Face hub (as HF_HUB_OFFLINE=1): the model must be local or cached")
     serve.add_argument("--config", help="a Ray Serve config YAML, e.g. configs/serve-gpu.yaml")
     serve.set_defaults(func=cmd_serve)
 

@@ -1,9 +1,10 @@
 """One Ray cluster and one real `qzoom serve` per pytest session, shared by the e2e and integration tests.
 
 The cluster is a `ray start --head --block` subprocess owned by the session (stopped by its process group,
-never a machine-wide `ray stop`). `qzoom serve` joins it through `RAY_ADDRESS` and serves the embedded
-default model as application `qzoom`; tests that need other settings (tests/integration/test_serve_grpc.py)
-deploy further applications onto the same Serve instance, reached through the same gRPC proxy with the
+never a machine-wide `ray stop`). `qzoom serve` joins it through `RAY_ADDRESS` and deploys the embedded
+default model as application `qzoom` through the dashboard's REST API, as KubeRay does; tests that need
+other settings (tests/integration/test_serve_grpc.py, test_deploy_config.py) add applications to the same
+Serve config the same way (`qzoom_service.serve.run.deploy`), reached through the same gRPC proxy with the
 `application` metadata. Ray therefore starts once per run however many of these tests are selected.
 
 Every Ray process of the session (the head, `qzoom serve`, pytest itself as a driver) shares one token
@@ -47,19 +48,22 @@ def use_session_ray_auth() -> None:
 class SharedService:
     address: str  # gRPC host:port of the Serve proxy; application "qzoom" is `qzoom serve`'s
     log: Path  # `qzoom serve`'s output
-    ray_address: str  # the cluster's GCS address, for drivers that deploy more applications
+    ray_address: str  # the cluster's GCS address
     metrics_port: int  # Ray's Prometheus exporter on the (only) node
+    dashboard: str  # http://host:port of the dashboard, whose REST API deploys applications
 
 
 @contextmanager
 def _ray_head(log: Path, timeout: float = 120):
-    """-> (GCS address, metrics port) of a fresh single-node cluster, stopped afterwards."""
+    """-> (GCS address, metrics port, dashboard URL) of a fresh single-node cluster, stopped afterwards."""
     import pytest
 
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, dashboard_port = free_port(), free_port(), free_port()
     argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-            f"--num-cpus={RAY_CPUS}", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
-            f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
+            f"--num-cpus={RAY_CPUS}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={metrics_port}", f"--ray-client-server-port={free_port()}",
+            "--disable-usage-stats"]
     env = {**os.environ, "RAY_metrics_report_interval_ms": "500"}  # metrics tests poll the exporter
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -69,7 +73,7 @@ def _ray_head(log: Path, timeout: float = 120):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"ray start did not come up:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield f"127.0.0.1:{port}", metrics_port
+        yield f"127.0.0.1:{port}", metrics_port, f"http://127.0.0.1:{dashboard_port}"
     finally:
         for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
             try:
@@ -93,6 +97,6 @@ def shared_service(workdir: Path):
             "deployments": [{"name": name, "ray_actor_options": {"num_cpus": 0.5}} for name in ("CoarseGate", "Zoom")],
         }],
     }))
-    with _ray_head(workdir / "ray.log") as (ray_address, metrics_port):
+    with _ray_head(workdir / "ray.log") as (ray_address, metrics_port, dashboard):
         with qzoom_serve(workdir / "serve.log", "--config", str(config), env={"RAY_ADDRESS": ray_address}) as addr:
-            yield SharedService(addr, workdir / "serve.log", ray_address, metrics_port)
+            yield SharedService(addr, workdir / "serve.log", ray_address, metrics_port, dashboard)

@@ -9,7 +9,12 @@ from dataclasses import dataclass
 from ..config import EngineConfig
 from ..errors import InvalidInput
 
-__all__ = ["AppSettings", "build_engine"]
+__all__ = ["AppSettings", "build_engine", "APP_NAME", "IMPORT_PATH", "SERVICER_FUNCTION"]
+
+# What a Serve config names (here, not in app.py, so `qzoom serve` reads them without importing Ray).
+APP_NAME = "qzoom"
+IMPORT_PATH = "qzoom_service.serve.app:build_app"
+SERVICER_FUNCTION = "qzoom_client._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server"
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,22 @@
-"""A newcomer's path: `qzoom serve` (the real command, embedded default) then `qzoom ask` / `qzoom zoom`."""
+"""A newcomer's path: `qzoom serve` (the real command, embedded default) then `qzoom ask` / `qzoom zoom`; an
+operator's: what it prints, `serve status`, and mistakes that fail before Ray starts."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from ..helpers import make_image
+from qzoom_service.config import nvidia_driver_present
+
+from ..helpers import free_port, make_image
 
 QZOOM = [sys.executable, "-m", "qzoom_service.cli"]
 
@@ -69,3 +76,70 @@ def test_the_embedded_model_answers_through_the_service(served, tmp_path):
     assert auto.returncode == 0, auto.stderr
     routed = json.loads(auto.stdout)
     assert routed["route"] == "zoom" and routed["answer"] == fine.answer, routed
+
+
+def test_serve_prints_its_dashboard_and_metrics_and_serve_status_sees_the_app(served, qzoom_service):
+    log = qzoom_service.log.read_text()
+    assert f"metrics:    http://127.0.0.1:{qzoom_service.metrics_port}/metrics" in log
+    assert f"dashboard:  {qzoom_service.dashboard}" in log and "every interface" in log
+    status = subprocess.run([str(Path(sys.executable).parent / "serve"), "status", "--address",
+                             qzoom_service.dashboard], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    apps = {a["name"]: a for a in _status_apps(status.stdout)}
+    assert apps["qzoom"]["status"] == "RUNNING", status.stdout
+
+
+def _status_apps(text: str) -> list[dict]:
+    import yaml
+
+    return [{"name": name, **app} for name, app in yaml.safe_load(text)["applications"].items()]
+
+
+# -- mistakes fail before Ray: exit 2, one line, no traceback, fast ------------------------------------
+
+# The brief's bound is 2 s on an idle machine; shared CI cores get some room (Ray alone takes far longer).
+FAST_S = 5.0
+
+
+def _serve_fails(*args, env=None) -> str:
+    """Run `qzoom serve` on free ports, assert it fails fast the way an operator should see it; its stderr."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_HUB_OFFLINE")}
+    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--dashboard-port", str(free_port())]
+    start = time.monotonic()
+    proc = subprocess.run(QZOOM + ["serve", *ports, *args], capture_output=True, text=True, timeout=60,
+                          env={**environ, **(env or {})})
+    elapsed = time.monotonic() - start
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and err.startswith("qzoom serve: "), err
+    assert elapsed < FAST_S, f"took {elapsed:.1f} s: {err}"
+    return err
+
+
+@pytest.mark.parametrize("case", ["missing-dir", "not-a-hub-id", "offline-flag", "offline-env", "key-file"])
+def test_bad_invocations_fail_before_ray(case, tmp_path):
+    hf_home = {"HF_HOME": str(tmp_path / "hf")}  # an empty cache: nothing is cached
+    args, env, message = {
+        "missing-dir": (["--model", str(tmp_path / "weights")], {}, "no such directory"),
+        "not-a-hub-id": (["--model", "no//such id"], {}, "not a Hugging Face hub id"),
+        "offline-flag": (["--offline", "--model", "qzoom-test/absent"], hf_home, "not in the local Hugging Face cache"),
+        "offline-env": (["--model", "qzoom-test/absent"], {**hf_home, "HF_HUB_OFFLINE": "1"},
+                        "not in the local Hugging Face cache"),
+        "key-file": (["--api-key-file", str(tmp_path / "keys")], {}, "cannot read --api-key-file"),
+    }[case]
+    assert message in _serve_fails(*args, env=env)
+
+
+@pytest.mark.skipif(nvidia_driver_present(), reason="this machine has an NVIDIA driver")
+def test_cuda_without_cuda_fails_before_ray():
+    assert "device='cuda' needs a CUDA GPU" in _serve_fails("--device", "cuda")
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port"])
+def test_a_port_in_use_is_refused_before_ray(flag):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = _serve_fails(flag, str(port))  # given last: wins over the free one
+    assert f"port {port} is in use" in err

@@ -490,12 +490,18 @@ def test_serve_config_validates_against_ray_serve_schema_with_no_unknown_keys(na
 
 
 @pytest.mark.parametrize("name", [f"chart:{c}" for c in CASES] + ["configs/serve-gpu.yaml"])
-def test_the_app_accepts_the_serve_config_args(name):
-    from qzoom_service.serve.settings import AppSettings
+def test_rays_loader_builds_the_app_from_the_serve_config_args(name):
+    # What the Serve controller does with import_path and args (serve deploy, KubeRay), minus the cluster.
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    args = _serve_configs()[name]["applications"][0]["args"]
-    settings = AppSettings.from_dict(args)  # rejects unknown args and invalid values
-    assert settings.api_keys_env == "QZOOM_API_KEYS"
+    app = _serve_configs()[name]["applications"][0]
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app["args"])
+    assert type(built).__name__ == "Application"
+    from qzoom_service.serve.app import AppArgs
+
+    settings = AppArgs.model_validate(app["args"]).settings  # the builder's argument, as Ray validates it
+    assert settings.api_keys_env == "QZOOM_API_KEYS" and settings.engine.model == app["args"]["model"]
 
 
 @pytest.mark.parametrize("name", [f"chart:{c}" for c in CASES] + ["configs/serve-gpu.yaml"])
@@ -700,6 +706,7 @@ def test_dockerfile_runs_as_non_root_and_installs_the_package():
     assert {8000, 9000, 8265, 6379, 8080} <= exposed
     env = " ".join(arg for ins, arg in lines if ins == "ENV")
     assert "HF_HOME=/home/ray/.cache/huggingface" in env
+    assert "QZOOM_SERVE_HOST=0.0.0.0" in env  # `qzoom serve` reachable from outside the container
     args = {arg.split("=")[0]: arg.split("=", 1)[1] for ins, arg in lines if ins == "ARG" and "=" in arg}
     ray_version = yaml.safe_load((CHART / "values.yaml").read_text())["rayVersion"]
     assert args["RAY_IMAGE"].startswith(f"rayproject/ray:{ray_version}-"), "image Ray == chart rayVersion"

@@ -6,7 +6,8 @@ cache shared across them, queues, the proxy's timeout and the metrics Ray export
 session: these applications are deployed onto the session's `qzoom serve` (tests/serving.py), selected
 with the `application` metadata: `main` (Redis cache under a test prefix), `secured` (API keys, in-process
 cache), `noredis` (Redis URL pointing at a closed port), `busy` (a queue of two), `slow` (one request at
-a time, for the proxy's request timeout) and `zoombusy` (a Zoom queue of one).
+a time, for the proxy's request timeout) and `zoombusy` (a Zoom queue of one). They are added to the
+running Serve config through the dashboard's REST API, the way `qzoom serve` deployed its own.
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ from qzoom_client._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
 from ..helpers import TINY_BUDGET, make_image, png
 from .conftest import REDIS_URL, redis_reachable
 
-ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
-
-from qzoom_service.serve.app import build_app  # noqa: E402
-from qzoom_service.serve.run import wait_until_healthy  # noqa: E402
+pytest.importorskip("ray")
+from qzoom_service.serve.run import deploy, undeploy, wait_until_deployed, wait_until_healthy  # noqa: E402
+from qzoom_service.serve.settings import IMPORT_PATH  # noqa: E402
 
 KEYS = "key-one,key-two"
 
@@ -79,18 +78,18 @@ def service(qzoom_service, tiny_checkpoint):
                  {"CoarseGate": {**small, "max_ongoing_requests": 1}}),
         "zoombusy": (base, {"Zoom": {**small, "max_ongoing_requests": 1, "max_queued_requests": 1}}),
     }
-    ray.init(address=qzoom_service.ray_address, log_to_driver=False, namespace=f"qzoom-test-{uuid.uuid4().hex[:6]}")
+    config = {"applications": [
+        {"name": name, "route_prefix": f"/{name}", "import_path": IMPORT_PATH, "args": args,
+         "deployments": [{"name": d, **{**small, **deployments.get(d, {})}} for d in ("CoarseGate", "Zoom")]}
+        for name, (args, deployments) in apps.items()]}
     try:
-        for name, (args, deployments) in apps.items():
-            options = {"CoarseGate": small, "Zoom": small, **deployments}
-            serve.run(build_app(args, options), name=name, route_prefix=f"/{name}", blocking=False)
+        deploy(qzoom_service.dashboard, config)
+        wait_until_deployed(qzoom_service.dashboard, list(apps), timeout_s=300)
         for name in apps:
-            wait_until_healthy(qzoom_service.address, timeout_s=240, application=name)
+            wait_until_healthy(qzoom_service.address, timeout_s=60, application=name)
         yield Service(qzoom_service.address, qzoom_service.metrics_port, prefix)
     finally:
-        for name in apps:  # the session's own `qzoom` application keeps serving
-            serve.delete(name)
-        ray.shutdown()
+        undeploy(qzoom_service.dashboard, set(apps))  # the session's own `qzoom` application keeps serving
         client = redis.Redis.from_url(REDIS_URL)
         for key in client.scan_iter(match=f"{prefix}*"):
             client.delete(key)

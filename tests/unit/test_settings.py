@@ -17,6 +17,8 @@ from qzoom_service.errors import InvalidInput
 from qzoom_service.serve.run import plan_local
 from qzoom_service.serve.settings import AppSettings
 
+from ..helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -114,6 +116,7 @@ def test_engine_variables_reach_serve_under_the_config_file_and_the_flags(tmp_pa
     config.write_text("applications:\n  - name: qzoom\n    import_path: qzoom_service.serve.app:build_app\n"
                       "    args:\n      max_new_tokens: 9\n")
     env = {"QZOOM_MAX_NEW_TOKENS": "5", "QZOOM_MAX_QUESTION_CHARS": "100", "QZOOM_MODEL": "from-env"}
-    args, *_ = plan_local(config_path=str(config), model="from-flag", environ=env)
-    engine = AppSettings.from_dict(args).engine
+    ports = dict(grpc_port=free_port(), http_port=free_port(), dashboard_port=free_port())
+    plan = plan_local(config_path=str(config), model="from-flag", environ=env, **ports)
+    engine = AppSettings.from_dict(plan.args).engine
     assert (engine.max_new_tokens, engine.max_question_chars, engine.model) == (9, 100, "from-flag")
