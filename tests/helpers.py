@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,33 +43,41 @@ def free_port() -> int:
 
 
 @contextmanager
-def qzoom_serve(log, *args: str, timeout: float = 240, env: dict | None = None):
-    """Run the real `qzoom serve` (embedded default unless `args` say otherwise) with its output in `log`;
-    yield its gRPC address once it says it is serving, stop it afterwards. `env`: extra environment
-    variables (`RAY_ADDRESS` joins an existing Ray cluster instead of starting one)."""
+def running(argv: list[str], log, ready: str, *, timeout: float, env: dict | None = None, stop_wait: float = 60):
+    """Run `argv` in its own process group with its output in `log`; yield the process once `ready` appears
+    in the log. Afterwards SIGTERM the leader (an orderly shutdown), then SIGKILL what is left of the group.
+    No machine-wide `ray stop`: other Ray clusters may be running."""
     import pytest
 
-    grpc_port, http_port = free_port(), free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "qzoom_service.cli", "serve", "--grpc-port", str(grpc_port),
-                                 "--http-port", str(http_port), *args], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + timeout
-        while "qzoom serving gRPC on" not in log.read_text():
+        while ready not in Path(log).read_text():
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"qzoom serve did not become ready:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield f"127.0.0.1:{grpc_port}"
+                pytest.fail(f"{argv[2:4]} did not become ready:\n{Path(log).read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield proc
     finally:
-        # SIGTERM to `qzoom serve` alone lets it shut Serve and its own Ray cluster down in order; then the
-        # process group (Ray's daemons) goes. No machine-wide `ray stop`: other Ray clusters may be running.
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=stop_wait)
         except subprocess.TimeoutExpired:
             pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@contextmanager
+def qzoom_serve(log, *args: str, timeout: float = 240, env: dict | None = None):
+    """Run the real `qzoom serve` (embedded default unless `args` say otherwise) with its output in `log`;
+    yield its gRPC address once it says it is serving, stop it afterwards. `env`: extra environment
+    variables (`RAY_ADDRESS` joins an existing Ray cluster instead of starting one)."""
+    grpc_port, http_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "qzoom_service.cli", "serve", "--grpc-port", str(grpc_port),
+            "--http-port", str(http_port), *args]
+    with running(argv, log, "qzoom serving gRPC on", timeout=timeout, env=env):
+        yield f"127.0.0.1:{grpc_port}"

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .helpers import free_port, qzoom_serve
+from .helpers import free_port, qzoom_serve, running
 
 __all__ = ["SharedService", "shared_service", "use_session_ray_auth", "REQUEST_TIMEOUT_S", "RAY_CPUS"]
 
@@ -56,34 +53,15 @@ class SharedService:
 @contextmanager
 def _ray_head(log: Path, timeout: float = 120):
     """-> (GCS address, metrics port, dashboard URL) of a fresh single-node cluster, stopped afterwards."""
-    import pytest
-
     port, metrics_port, dashboard_port = free_port(), free_port(), free_port()
     argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
             f"--num-cpus={RAY_CPUS}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
             f"--metrics-export-port={metrics_port}", f"--ray-client-server-port={free_port()}",
             "--disable-usage-stats"]
-    env = {**os.environ, "RAY_metrics_report_interval_ms": "500"}  # metrics tests poll the exporter
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    try:
-        deadline = time.monotonic() + timeout
-        while "Ray runtime started" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    env = {"RAY_metrics_report_interval_ms": "500"}  # metrics tests poll the exporter
+    with running(argv, log, "Ray runtime started", timeout=timeout, env=env, stop_wait=30):
         yield f"127.0.0.1:{port}", metrics_port, f"http://127.0.0.1:{dashboard_port}"
-    finally:
-        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                continue
 
 
 @contextmanager
