@@ -140,6 +140,7 @@ class DecodeBatch:
         self._positions = None  # (3, B, 1) float32 position of the last token
         self._seen = None  # (B, V) bool: ids the repetition penalty applies to; None when no row has one
         self._mask = None  # (B, 1, 1, T) additive; None when no row is padded
+        self._penalties = None  # float, or (B, 1) per-row penalties; computed on first use
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -182,6 +183,7 @@ class DecodeBatch:
             row.pad = pad
         self._rows, self._cache, self._hidden, self._positions, self._seen, self._mask = (
             rows, cache, hidden, positions, seen, mask)
+        self._penalties = None
         return done
 
     def _merged_cache(self, caches: list, length: int) -> DynamicCache:
@@ -222,11 +224,15 @@ class DecodeBatch:
         return finished
 
     def _penalty(self) -> float | torch.Tensor:
-        values = [row.penalty for row in self._rows]
-        if len(set(values)) == 1:
-            # A Python scalar, as the stock processor uses (CUDA divides by a host scalar via its reciprocal).
-            return values[0]
-        return torch.tensor(values, device=self._seen.device)[:, None]  # (B, 1)
+        if self._penalties is None:  # once per membership change
+            values = [row.penalty for row in self._rows]
+            # One value stays a Python scalar, as in the stock processor (CUDA divides by a host scalar via
+            # its reciprocal, so a tensor would differ in the last bit there).
+            if len(set(values)) == 1:
+                self._penalties = values[0]
+            else:
+                self._penalties = torch.tensor(values, device=self._seen.device)[:, None]  # (B, 1)
+        return self._penalties
 
     def _check_due(self) -> bool:
         unchecked = len(self._pending)
@@ -254,6 +260,7 @@ class DecodeBatch:
             self._clear()
             return
         index = torch.tensor(keep, device=self._hidden.device)
+        self._penalties = None
         trim = min(row.pad for row in self._rows)
         for row in self._rows:
             row.pad -= trim
