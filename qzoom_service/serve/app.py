@@ -15,9 +15,11 @@ from .coarse_deployment import CoarseGate
 from .settings import AppSettings
 from .zoom_deployment import Zoom
 
-__all__ = ["build_app", "SERVICER_FUNCTION", "APP_NAME"]
+__all__ = ["build_app", "SERVICER_FUNCTION", "HEALTH_SERVICER_FUNCTION", "APP_NAME"]
 
 SERVICER_FUNCTION = "qzoom_client._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server"
+# grpc.health.v1.Health, what Kubernetes' gRPC probes and grpc_health_probe call (answered by CoarseGate).
+HEALTH_SERVICER_FUNCTION = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 APP_NAME = "qzoom"
 
 

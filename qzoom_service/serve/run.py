@@ -104,7 +104,7 @@ def plan_local(*, model=None, redis_url=None, grpc_port=None, http_port=None, ho
                config_path=None, environ=os.environ) -> tuple[dict, dict[str, dict], dict, dict]:
     """(app args, deployment options, gRPC options, HTTP options) for `start_local`, all validated without
     starting Ray: unknown or bad settings and GPUs this machine lacks raise `InvalidInput`."""
-    grpc_options: dict = {"port": 9000}
+    grpc_options: dict = {"port": 9000, "enable_reflection": True}  # local: grpcurl works; the chart turns it off
     http_options = {"host": host, "port": 8000}
     args: dict = {}
     deployments = _LOCAL_DEPLOYMENTS
@@ -164,11 +164,12 @@ def start_local(args: dict, deployments: dict[str, dict], grpc_options: dict | N
     import ray
     from ray import serve
 
-    from .app import APP_NAME, SERVICER_FUNCTION, build_app
+    from .app import APP_NAME, HEALTH_SERVICER_FUNCTION, SERVICER_FUNCTION, build_app
 
     grpc_options = {"port": 9000, "grpc_servicer_functions": [SERVICER_FUNCTION], **(grpc_options or {})}
-    if SERVICER_FUNCTION not in grpc_options["grpc_servicer_functions"]:
-        grpc_options["grpc_servicer_functions"] = [*grpc_options["grpc_servicer_functions"], SERVICER_FUNCTION]
+    for function in (SERVICER_FUNCTION, HEALTH_SERVICER_FUNCTION):
+        if function not in grpc_options["grpc_servicer_functions"]:
+            grpc_options["grpc_servicer_functions"] = [*grpc_options["grpc_servicer_functions"], function]
     http_options = {"host": "127.0.0.1", "port": 8000, **(http_options or {})}
     ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)
     _check_resources(ray.cluster_resources(), deployments)
