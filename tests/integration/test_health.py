@@ -71,3 +71,14 @@ def test_what_a_probe_sees_while_no_replica_is_up(qzoom_service, tiny_checkpoint
         serve.delete(name)
         ray.shutdown()
     assert check(qzoom_service.address) == (grpc.StatusCode.OK, SERVING)  # one app again: probes route
+
+
+def test_local_qzoom_serve_offers_reflection_naming_both_services(qzoom_service):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(qzoom_service.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (response,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                timeout=10)
+    names = {s.name for s in response.list_services_response.service}
+    assert {"qzoom.v1.QZoomService", "grpc.health.v1.Health"} <= names
