@@ -32,15 +32,6 @@ __all__ = ["FeatureKey", "CoarseFeatures", "FeatureCache", "InProcessCache", "Re
 
 log = logging.getLogger(__name__)
 
-try:
-    from prometheus_client import Counter
-
-    _REQUESTS = Counter(
-        "qzoom_cache_requests", "Cache lookups and failed cache writes.", ["backend", "kind", "result"]
-    )
-except ImportError:  # metrics are optional; the cache works without them
-    _REQUESTS = None
-
 _SCHEMA = "qzoom.coarse.v1"
 _SAFE_PART = re.compile(r"[A-Za-z0-9._/+-]{1,128}")
 
@@ -128,18 +119,19 @@ class FeatureCache(Protocol):
 
 
 class _Stats:
-    """Lookup results (mirrored into the Prometheus counter) and payload bytes moved."""
+    """Lookup results by kind and payload bytes moved. Plain counts: the serving side exports them
+    (serve/metrics.py reads `stats()["requests"]`), so the cache works the same outside Ray."""
 
     def __init__(self, backend: str):
         self.backend = backend
         self._counts = {"hit": 0, "miss": 0, "error": 0, "bytes": 0}
+        self._by_kind: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
     def count(self, kind: str, result: str) -> None:
         with self._lock:
             self._counts[result] += 1
-        if _REQUESTS is not None:
-            _REQUESTS.labels(self.backend, kind, result).inc()
+            self._by_kind[kind, result] = self._by_kind.get((kind, result), 0) + 1
 
     def moved(self, nbytes: int) -> None:
         with self._lock:
@@ -147,9 +139,9 @@ class _Stats:
 
     def as_dict(self) -> dict:
         with self._lock:
-            c = dict(self._counts)
+            c, by_kind = dict(self._counts), dict(self._by_kind)
         return {"backend": self.backend, "hits": c["hit"], "misses": c["miss"], "errors": c["error"],
-                "bytes": c["bytes"]}
+                "bytes": c["bytes"], "requests": by_kind}
 
 
 class InProcessCache:

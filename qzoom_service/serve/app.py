@@ -18,10 +18,10 @@ from pydantic import PrivateAttr, RootModel, model_validator
 from ray.serve import Application
 
 from .coarse_deployment import CoarseGate
-from .settings import APP_NAME, IMPORT_PATH, SERVICER_FUNCTION, AppSettings
+from .settings import APP_NAME, HEALTH_SERVICER_FUNCTION, IMPORT_PATH, SERVICER_FUNCTION, AppSettings
 from .zoom_deployment import Zoom
 
-__all__ = ["build_app", "AppArgs", "SERVICER_FUNCTION", "APP_NAME", "IMPORT_PATH"]
+__all__ = ["build_app", "AppArgs", "SERVICER_FUNCTION", "HEALTH_SERVICER_FUNCTION", "APP_NAME", "IMPORT_PATH"]
 
 
 class AppArgs(RootModel[dict[str, Any]]):

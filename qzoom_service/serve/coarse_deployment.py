@@ -1,9 +1,10 @@
 """`CoarseGate`: the gRPC ingress deployment, a thin Ray wrapper around `QZoomServicer` (servicer.py).
 
 It answers the direct route itself and hands zoom plans to the `Zoom` deployment, so the cheap pass
-and the RoI re-decode scale apart. Method names equal the RPC names (Ray Serve dispatches on them). What
-is Ray's stays here: dynamic batching of the coarse pass (`serve.batch`), the Zoom handle, and turning its
-exceptions (a typed error wrapped in a RayTaskError, a full queue's BackPressureError) into typed errors.
+and the RoI re-decode scale apart. Method names equal the RPC names (Ray Serve dispatches on them), those
+of `grpc.health.v1.Health` (`Check`, `Watch`) included. What is Ray's stays here: dynamic batching of the
+coarse pass (`serve.batch`), the Zoom handle, turning its exceptions (a typed error wrapped in a
+RayTaskError, a full queue's BackPressureError) into typed errors, and Ray's replica health check.
 """
 
 from __future__ import annotations
@@ -54,6 +55,20 @@ class CoarseGate:
 
     async def Health(self, request, grpc_context=None):
         return await self.servicer.Health(request, grpc_context)
+
+    # grpc.health.v1.Health: the proxy routes it here too (one app: always; several: by `application`).
+
+    async def Check(self, request, grpc_context=None):
+        return await self.servicer.Check(request, grpc_context)
+
+    async def Watch(self, request, grpc_context=None):
+        async for response in self.servicer.Watch(request, grpc_context):
+            yield response
+
+    def check_health(self):
+        """Ray's replica health check: after a fatal error Ray replaces this replica."""
+        if not self.servicer.health.serving:
+            raise RuntimeError(f"CoarseGate replica cannot serve: {self.servicer.health.fatal}")
 
     # -- what the servicer calls --------------------------------------------------------------------
 

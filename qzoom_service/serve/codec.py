@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+from grpc_health.v1 import health_pb2
 from PIL import Image
 from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
 from qzoom_client.coords import all_spaces
@@ -14,7 +15,7 @@ from ..errors import InvalidInput
 from ..types import Result
 
 __all__ = ["options_from_proto", "answer_response", "upload_response", "zoom_region_response", "health_response",
-           "empty_response", "box_set", "space_name", "route_enum"]
+           "health_check_response", "empty_response", "box_set", "space_name", "route_enum"]
 
 _MODES = {pb.MODE_UNSPECIFIED: "auto", pb.MODE_AUTO: "auto", pb.MODE_DIRECT: "direct", pb.MODE_ZOOM: "zoom"}
 _SPACES = {
@@ -108,9 +109,15 @@ def zoom_region_response(crop: Image.Image, box, original_size, input_size, crop
     return response
 
 
-def health_response(model_id: str, version: str, cache_reachable: bool, cache_backend: str) -> "pb.HealthResponse":
-    return pb.HealthResponse(model_loaded=True, cache_reachable=cache_reachable, model_id=model_id, version=version,
-                             cache_backend=cache_backend)
+def health_response(model_id: str, version: str, cache_reachable: bool, cache_backend: str,
+                    model_loaded: bool = True) -> "pb.HealthResponse":
+    return pb.HealthResponse(model_loaded=model_loaded, cache_reachable=cache_reachable, model_id=model_id,
+                             version=version, cache_backend=cache_backend)
+
+
+def health_check_response(status: int | None) -> "health_pb2.HealthCheckResponse":
+    """`status`: a `ServingStatus`; None (an unknown service, answered NOT_FOUND) sends the default."""
+    return health_pb2.HealthCheckResponse(status=status or health_pb2.HealthCheckResponse.UNKNOWN)
 
 
 def empty_response(method: str):

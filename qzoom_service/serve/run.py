@@ -29,7 +29,7 @@ import yaml
 
 from ..config import EngineConfig, nvidia_driver_present
 from ..errors import InvalidInput, Unavailable
-from .settings import APP_NAME, IMPORT_PATH, SERVICER_FUNCTION, AppSettings
+from .settings import APP_NAME, HEALTH_SERVICER_FUNCTION, IMPORT_PATH, SERVICER_FUNCTION, AppSettings
 
 __all__ = ["ServePlan", "serve_forever", "start_local", "load_serve_config", "plan_local", "wait_until_healthy",
            "deploy", "undeploy", "wait_until_deployed"]
@@ -142,6 +142,8 @@ def plan_local(*, model=None, redis_url=None, grpc_port=None, http_port=None, ho
     http["host"] = host or http.get("host") or environ.get("QZOOM_SERVE_HOST") or DEFAULT_HOST
     config = {**raw, "applications": [app if a is original else a for a in raw["applications"]],
               "http_options": http, "grpc_options": _with_servicer(raw.get("grpc_options"))}
+    if not config_path:  # local: grpcurl works; a config file (the chart's: off) decides for itself
+        config["grpc_options"].setdefault("enable_reflection", True)
     if grpc_port is not None:
         config["grpc_options"]["port"] = grpc_port
     if http_port is not None:
@@ -161,7 +163,7 @@ def plan_local(*, model=None, redis_url=None, grpc_port=None, http_port=None, ho
 def _with_servicer(grpc_options: dict | None) -> dict:
     grpc = {"port": 9000, **(grpc_options or {})}
     grpc["grpc_servicer_functions"] = list(dict.fromkeys([*grpc.get("grpc_servicer_functions", []),
-                                                         SERVICER_FUNCTION]))
+                                                         SERVICER_FUNCTION, HEALTH_SERVICER_FUNCTION]))
     return grpc
 
 

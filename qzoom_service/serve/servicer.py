@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import time
 import uuid
 from typing import Awaitable, Callable
 
@@ -26,6 +27,7 @@ from ..preprocess import load_image
 from ..types import Box, Prepared, Request, Result
 from . import codec
 from .auth import check_api_key
+from .health import SERVICES, HealthState
 
 __all__ = ["QZoomServicer", "in_process", "answer_box"]
 
@@ -45,17 +47,21 @@ def rpc(auth: bool = True):
 
         @functools.wraps(method)
         async def handler(self, request, context=None):
+            started = time.perf_counter()
             try:
                 if auth:
                     self._authenticate(context)
-                return await method(self, request, context)
+                response = await method(self, request, context)
+                self._measured(name, "OK", started)
+                return response
             except QZoomError as e:
                 code, details = e.code, e.message
-            except Exception:  # noqa: BLE001 - the boundary: never crash the server, never leak a trace
+            except Exception as e:  # noqa: BLE001 - the boundary: never crash the server, never leak a trace
                 request_id = _request_id(context)
                 log.exception("unexpected error in %s (request id %s)", name, request_id)
                 code, details = "INTERNAL", f"internal error (request id {request_id})"
-            self.metrics.record_error(name, code)
+                self.health.note_failure(e)
+            self._measured(name, code, started)
             if context is not None:
                 context.set_code(grpc.StatusCode[code])
                 context.set_details(details[:4000])
@@ -71,13 +77,14 @@ class QZoomServicer:
                  api_keys: frozenset[str] = frozenset(), max_crops_per_image: int = 64, metrics=None):
         """`store`: the cache holding image bytes and crop handles (`cache.py`). `route`: defaults to
         `engine.route` on one request in a worker thread (a server batches instead). `metrics`: an object
-        with `record_result`, `record_cache_stats` and `record_error` (serve/metrics.py), or None."""
+        with `record_result`, `record_cache_stats` and `record_request` (serve/metrics.py), or None."""
         self.engine, self.store, self.config = engine, store, engine.config
         self._zoom_plan, self._answer_box = zoom_plan, answer_box
         self._route = route or (lambda p: asyncio.to_thread(lambda: engine.route([p])[0]))
         self.api_keys, self.max_crops_per_image = api_keys, max_crops_per_image
         self.metrics = metrics or _Unmeasured()
         self.factor = engine.loaded.factor  # pixels per merged token side
+        self.health = HealthState()  # what grpc.health.v1 reports; serving from here: the model is loaded
 
     # -- RPCs ---------------------------------------------------------------------------------------
 
@@ -100,7 +107,6 @@ class QZoomServicer:
         if isinstance(outcome, ZoomPlan):
             outcome = await self._zoom_plan(for_zoom(prepared), outcome)
         self.metrics.record_result(outcome, options.mode, crops.baseline_tokens(outcome.original_size, self.factor))
-        self.metrics.record_cache_stats(self.store.stats())
         return codec.answer_response(outcome, image_id, self._input_size(outcome.original_size))
 
     @rpc()
@@ -125,9 +131,28 @@ class QZoomServicer:
 
     @rpc(auth=False)
     async def Health(self, request, context=None):
-        return codec.health_response(self.engine.loaded.model_id, __version__, self.store.ping(), self.store.backend)
+        return codec.health_response(self.engine.loaded.model_id, __version__, self.store.ping(), self.store.backend,
+                                     model_loaded=self.health.serving)
+
+    # -- grpc.health.v1.Health (no auth: Kubernetes probes and grpc_health_probe send no key) -----------
+
+    async def Check(self, request, context=None):
+        status = self.health.status(request.service)
+        if status is None and context is not None:
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            context.set_details(f"unknown service {request.service!r}; known: {', '.join(map(repr, SERVICES))}")
+        return codec.health_check_response(status)
+
+    async def Watch(self, request, context=None):
+        """The status now, then each change (gRPC's Watch contract); an unknown service is SERVICE_UNKNOWN."""
+        async for status in self.health.changes(request.service):
+            yield codec.health_check_response(status)
 
     # -- helpers ------------------------------------------------------------------------------------
+
+    def _measured(self, method: str, code: str, started: float) -> None:
+        self.metrics.record_request(method, code, time.perf_counter() - started)
+        self.metrics.record_cache_stats(self.store.stats())
 
     def _authenticate(self, context) -> None:
         reason = check_api_key(context.invocation_metadata() if context is not None else (), self.api_keys)
@@ -184,5 +209,5 @@ class _Unmeasured:
     def record_cache_stats(self, stats: dict) -> None:
         pass
 
-    def record_error(self, method: str, code: str) -> None:
+    def record_request(self, method: str, code: str, seconds: float) -> None:
         pass

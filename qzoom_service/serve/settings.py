@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from ..config import EngineConfig
 from ..errors import InvalidInput
 
-__all__ = ["AppSettings", "build_engine", "APP_NAME", "IMPORT_PATH", "SERVICER_FUNCTION"]
+__all__ = ["AppSettings", "build_engine", "APP_NAME", "IMPORT_PATH", "SERVICER_FUNCTION", "HEALTH_SERVICER_FUNCTION"]
 
 # What a Serve config names (here, not in app.py, so `qzoom serve` reads them without importing Ray).
 APP_NAME = "qzoom"
 IMPORT_PATH = "qzoom_service.serve.app:build_app"
 SERVICER_FUNCTION = "qzoom_client._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server"
+# grpc.health.v1.Health, what Kubernetes' gRPC probes and grpc_health_probe call (answered by CoarseGate).
+HEALTH_SERVICER_FUNCTION = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 
 
 @dataclass(frozen=True)

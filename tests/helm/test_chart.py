@@ -432,7 +432,7 @@ def test_production_uses_existing_secrets_and_weights_from_a_pvc():
 def test_notes_say_how_to_reach_the_grpc_port(case):
     text = notes(case)
     assert "port-forward svc/demo-qzoom-serve-svc 9000:serve-grpc" in text
-    assert "qzoom ask --addr localhost:9000 --image" in text and "--question" in text
+    assert "qzoom-client ask --addr localhost:9000 --image" in text and "--question" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +518,7 @@ def test_serve_config_names_only_import_paths_that_exist(name):
 def test_chart_serve_config_matches_the_project_serve_config():
     chart, project = serve_config("default"), yaml.safe_load(SERVE_CONFIG.read_text())
     assert chart["grpc_options"]["grpc_servicer_functions"] == project["grpc_options"]["grpc_servicer_functions"] \
-        == [SERVICER]
+        == [SERVICER, HEALTH_SERVICER]
     for key in ("port", "request_timeout_s", "enable_reflection"):
         assert chart["grpc_options"][key] == project["grpc_options"][key], key
     assert chart["http_options"] == project["http_options"]
@@ -716,3 +716,74 @@ def test_dockerignore_keeps_the_build_context_to_the_package():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     assert patterns[patterns.index("**") + 1:][:3] == ["!pyproject.toml", "!README.md", "!qzoom_service/"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Health, metrics, disruptions
+
+
+HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_worker_pods_are_ready_by_grpc_health_through_their_proxy_and_the_head_keeps_kuberays(case):
+    pods = pod_templates(case)
+    config = serve_config(case)
+    assert HEALTH_SERVICER in config["grpc_options"]["grpc_servicer_functions"]
+    assert len(config["applications"]) == 1  # a probe sends no `application` metadata: one app, or no route
+    for group in (g["groupName"] for g in rayservice(case)["spec"]["rayClusterConfig"]["workerGroupSpecs"]):
+        probe = pods[group]["spec"]["containers"][0]["readinessProbe"]
+        assert probe["grpc"] == {"port": config["grpc_options"]["port"], "service": "qzoom.v1.QZoomService"}
+        assert probe["timeoutSeconds"] >= 1 and "livenessProbe" not in pods[group]["spec"]["containers"][0]
+    assert "readinessProbe" not in pods["head"]["spec"]["containers"][0]
+
+
+def test_the_readiness_probe_can_be_turned_off_and_tuned():
+    manifests = _render({"probes": {"readiness": {"enabled": False}}})
+    spec = next(o for o in _objects(manifests) if o["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    assert all("readinessProbe" not in g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"])
+    manifests = _render({"probes": {"readiness": {"periodSeconds": 3, "timeoutSeconds": 2}}})
+    spec = next(o for o in _objects(manifests) if o["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    probe = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert (probe["periodSeconds"], probe["timeoutSeconds"]) == (3, 2)
+
+
+def test_the_pod_monitor_scrapes_every_ray_pods_metrics_port():
+    assert not [o for o in objects("default") if o["kind"] == "PodMonitor"]  # needs the operator's CRDs
+    objs = _objects(_render({"metrics": {"podMonitor": {"enabled": True, "interval": "15s",
+                                                        "labels": {"release": "kube-prometheus"}}}}))
+    monitor = one(objs, "PodMonitor", "demo-qzoom")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["labels"]["release"] == \
+        "kube-prometheus"
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("metrics", "/metrics", "15s")
+    selector = monitor["spec"]["selector"]
+    pods = [t for t in pod_templates("default").values() if "ray-" in t["metadata"]["labels"].get(
+        "app.kubernetes.io/component", "")]
+    assert len(pods) == 3  # the head and both worker groups
+    for pod in pods:
+        labels = pod["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+        assert labels["app.kubernetes.io/component"] in selector["matchExpressions"][0]["values"]
+        assert "metrics" in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+
+def test_the_disruption_budget_covers_the_worker_pods_with_an_integer_min_available():
+    assert not [o for o in objects("default") if o["kind"] == "PodDisruptionBudget"]
+    objs = _objects(_render({"podDisruptionBudget": {"enabled": True, "minAvailable": 2}}))
+    pdb = one(objs, "PodDisruptionBudget", "demo-qzoom-workers")
+    kubernetes_validate.validate(pdb, K8S_VERSION, strict=True)
+    assert pdb["spec"]["minAvailable"] == 2 and "maxUnavailable" not in pdb["spec"]
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    matched = [name for name, pod in pod_templates("default").items()
+               if all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())]
+    assert sorted(matched) == ["coarse", "zoom"]
+    assert "minAvailable" in render_error({"podDisruptionBudget": {"enabled": True, "minAvailable": "50%"}})
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_notes_name_the_client_only_command_health_and_metrics(case):
+    text = notes(case)
+    assert "pip install qzoom-client" in text and "qzoom-client health --addr localhost:9000" in text
+    assert "grpc.health.v1" in text and "/metrics" in text

@@ -252,7 +252,7 @@ def test_metrics_count_routes_tokens_and_tokens_saved(service):
     service.call("Answer", _answer(mode=pb.MODE_ZOOM, roi_threshold=0.5))
     assert _metric(service, "qzoom_route_total", 'route="direct"', at_least=1) >= 1
     assert _metric(service, "qzoom_route_total", 'route="zoom"', at_least=1) >= 1
-    assert _metric(service, "qzoom_stage_latency_ms_count", 'stage="total"', at_least=2) >= 2
+    assert _metric(service, "qzoom_stage_duration_seconds_count", 'stage="total"', at_least=2) >= 2
     processed = _metric(service, "qzoom_visual_tokens_total", 'pass="coarse"')
     baseline = _metric(service, "qzoom_baseline_visual_tokens_total", "")
     assert baseline > processed > 0  # a 640x480 image at full resolution has more tokens than the coarse view

@@ -1,5 +1,6 @@
-"""qzoom-client against an in-process gRPC server with scripted answers: conversions, retries, auth
-metadata, the image-or-id rule, the CLI's JSON, and coordinates identical to the server's."""
+"""qzoom-client against an in-process gRPC server with scripted answers: conversions, retries (gRPC's own,
+from the service config), message limits, auth metadata, the image-or-id rule, the CLI's commands and
+JSON, and coordinates identical to the server's."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from concurrent import futures
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import qzoom_client
 from qzoom_client import QZoomClient, QZoomClientError, coords
+from qzoom_client.client import MAX_IMAGE_BYTES
 from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
 from qzoom_client._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
 from qzoom_client.cli import main as client_main
@@ -48,18 +52,35 @@ class Scripted(pb_grpc.QZoomServiceServicer):
     def ZoomRegion(self, request, context):
         self._gate(request, context)
         box = pb.Box(x1=1, y1=2, x2=3, y2=4)
-        return pb.ZoomRegionResponse(crop_png=b"\x89PNG", box=pb.BoxSet(original=box, input=box, norm1000=box,
-                                                                        norm1=box),
+        return pb.ZoomRegionResponse(crop_png=self.crop_png, box=pb.BoxSet(original=box, input=box, norm1000=box,
+                                                                          norm1=box),
                                      crop_id="crop-1", crop_width=2, crop_height=2, image_id=ID)
+
+    def UploadImage(self, request, context):
+        self._gate(request, context)
+        return pb.UploadImageResponse(image_id=ID, width=len(request.image), height=1, input_width=28,
+                                      input_height=28, already_stored=False)
+
+    def Health(self, request, context):
+        self._gate(request, context)
+        return pb.HealthResponse(model_loaded=True, cache_reachable=True, model_id="tiny", version="9.9",
+                                 cache_backend="memory")
+
+    crop_png = b"\x89PNG"
 
 
 @pytest.fixture()
 def server():
-    servicer = Scripted()
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer, standard = Scripted(), health.HealthServicer()  # grpcio-health-checking's own implementation
+    standard.set("qzoom.v1.QZoomService", health_pb2.HealthCheckResponse.SERVING)
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                      options=[("grpc.max_receive_message_length", 2 * MAX_IMAGE_BYTES),
+                               ("grpc.max_send_message_length", 2 * MAX_IMAGE_BYTES)])
     pb_grpc.add_QZoomServiceServicer_to_server(servicer, srv)
+    health_pb2_grpc.add_HealthServicer_to_server(standard, srv)
     port = srv.add_insecure_port("127.0.0.1:0")
     srv.start()
+    servicer.standard = standard
     yield servicer, f"127.0.0.1:{port}"
     srv.stop(0)
 
@@ -91,6 +112,32 @@ def test_unavailable_is_retried_and_other_errors_are_not(server):
     assert servicer.calls == 1 and err.value.code == "INVALID_ARGUMENT" and "scripted failure" in err.value.details
 
 
+def test_retries_stop_at_their_budget_and_zero_means_one_attempt(server):
+    servicer, addr = server
+    servicer.failures = 99
+    with QZoomClient(addr, retries=2, backoff_s=0.01) as qz, pytest.raises(QZoomClientError) as err:
+        qz.answer(ID, "q")
+    assert servicer.calls == 3 and err.value.code == "UNAVAILABLE"
+    servicer.calls = 0
+    with QZoomClient(addr, retries=0) as qz, pytest.raises(QZoomClientError):
+        qz.answer(ID, "q")
+    assert servicer.calls == 1
+
+
+def test_the_largest_accepted_image_goes_out_and_a_crop_past_grpcs_4_mib_default_comes_back(server):
+    servicer, addr = server
+    servicer.crop_png = bytes(12 << 20)
+    with QZoomClient(addr) as qz:
+        assert qz.upload_image(bytes(MAX_IMAGE_BYTES)).width == MAX_IMAGE_BYTES
+        assert len(qz.zoom_region(ID, [0, 0, 1, 1]).crop_png) == 12 << 20
+
+
+def test_the_package_ships_its_type_hints():
+    from importlib.resources import files
+
+    assert files(qzoom_client).joinpath("py.typed").is_file()
+
+
 def test_image_or_id_rule(tmp_path):
     with QZoomClient("127.0.0.1:1") as qz:
         with pytest.raises(QZoomClientError, match="neither an image file nor an image id"):
@@ -116,6 +163,32 @@ def test_cli_prints_the_documented_json(server, tmp_path, capsys):
     servicer.failures, servicer.code = 99, grpc.StatusCode.NOT_FOUND
     assert client_main(["ask", "--addr", addr, "--image", ID, "--question", "q"]) == 2
     assert "qzoom ask: NOT_FOUND" in capsys.readouterr().err
+    assert client_main(["zoom", "--addr", addr, "--image", ID, "--box", "0,0,1,1", "--json"]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["code"] == "NOT_FOUND" and "scripted failure" in error["details"]
+    assert client_main(["zoom", "--addr", addr, "--image", ID, "--box", "0,0,one", "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"]["code"] == "INVALID_ARGUMENT"
+
+
+def test_cli_upload_health_and_version(server, tmp_path, capsys):
+    servicer, addr = server
+    image = tmp_path / "img.png"
+    image.write_bytes(b"12345")
+    assert client_main(["upload", "--addr", addr, "--image", str(image)]) == 0
+    assert capsys.readouterr().out.strip() == ID and servicer.requests[-1].image == b"12345"
+    assert client_main(["upload", "--addr", addr, "--image", str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["width"] == 5
+    assert client_main(["health", "--addr", addr, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"status": "SERVING", "model_loaded": True, "cache_reachable": True,
+                                                   "model_id": "tiny", "version": "9.9", "cache_backend": "memory"}
+    servicer.standard.set("qzoom.v1.QZoomService", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert client_main(["health", "--addr", addr]) == 1
+    assert capsys.readouterr().out.strip() == "NOT_SERVING"
+    assert client_main(["health", "--addr", "127.0.0.1:1", "--timeout", "2", "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"]["code"] in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+    with pytest.raises(SystemExit) as done:
+        client_main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"qzoom-client {qzoom_client.__version__}"
 
 
 @settings(max_examples=200, deadline=None)

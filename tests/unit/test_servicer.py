@@ -12,6 +12,8 @@ import zlib
 
 import grpc
 import pytest
+import torch
+from grpc_health.v1 import health_pb2
 from PIL import Image
 from qzoom_client._proto.qzoom.v1 import qzoom_pb2 as pb
 
@@ -59,16 +61,18 @@ class Context:
 
 class Metrics:
     def __init__(self):
-        self.results, self.errors = [], []
+        self.results, self.errors, self.requests, self.cache_stats = [], [], [], []
 
     def record_result(self, result, mode, baseline_tokens):
         self.results.append((result.route, mode, baseline_tokens))
 
     def record_cache_stats(self, stats):
-        pass
+        self.cache_stats.append(stats)
 
-    def record_error(self, method, code):
-        self.errors.append((method, code))
+    def record_request(self, method, code, seconds):
+        self.requests.append((method, code, seconds))
+        if code != "OK":
+            self.errors.append((method, code))
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +318,63 @@ def test_health_reports_the_model_and_the_store(service, engine):
     health = call(service, "Health", pb.HealthRequest())[0]
     assert health.model_loaded and health.cache_reachable and health.cache_backend == "memory"
     assert health.model_id == engine.loaded.model_id and health.version
+
+
+def test_every_call_is_timed_and_the_stores_counts_are_handed_over(service, metrics):
+    _upload(service)
+    status(service, "Answer", _answer(image_id="0" * 64))
+    assert [(m, c) for m, c, _ in metrics.requests] == [("UploadImage", "OK"), ("Answer", "NOT_FOUND")]
+    assert all(seconds > 0 for _, _, seconds in metrics.requests)
+    assert len(metrics.cache_stats) == 2 and metrics.cache_stats[-1]["requests"][("image", "miss")] == 1
+
+
+# -- grpc.health.v1 ------------------------------------------------------------------------------------
+
+
+def test_standard_health_check_serves_both_names_and_refuses_others(engine, store):
+    secured = in_process(engine, store, api_keys=KEYS)  # probes send no key
+    for name in ("", "qzoom.v1.QZoomService"):
+        response, ctx = call(secured, "Check", health_pb2.HealthCheckRequest(service=name))
+        assert (ctx.code, response.status) == (grpc.StatusCode.OK, health_pb2.HealthCheckResponse.SERVING)
+    response, ctx = call(secured, "Check", health_pb2.HealthCheckRequest(service="qzoom.v1.Other"))
+    assert ctx.code == grpc.StatusCode.NOT_FOUND and "qzoom.v1.Other" in ctx.details
+
+
+def test_a_cuda_error_turns_the_replica_not_serving_and_a_plain_bug_does_not(engine, store):
+    failures = [RuntimeError("a bug"), torch.AcceleratorError("CUDA error: an illegal memory access")]
+
+    async def broken(*_):
+        raise failures.pop(0)
+
+    service = QZoomServicer(engine, store, broken, broken)
+    check = health_pb2.HealthCheckRequest(service="qzoom.v1.QZoomService")
+    assert status(service, "Answer", _answer(mode=pb.MODE_ZOOM, roi_threshold=0.5))[0] == grpc.StatusCode.INTERNAL
+    assert call(service, "Check", check)[0].status == health_pb2.HealthCheckResponse.SERVING
+    assert status(service, "Answer", _answer(mode=pb.MODE_ZOOM, roi_threshold=0.5))[0] == grpc.StatusCode.INTERNAL
+    assert call(service, "Check", check)[0].status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not call(service, "Health", pb.HealthRequest())[0].model_loaded
+    assert "illegal memory access" in service.health.fatal
+
+
+def test_watch_sends_the_status_then_each_change(engine, store):
+    service = in_process(engine, store)
+    service.health.poll_s = 0.01
+
+    async def watch(name, n, after_first=None):
+        seen = []
+        async for response in service.Watch(health_pb2.HealthCheckRequest(service=name), Context()):
+            seen.append(response.status)
+            if after_first:
+                after_first()
+            if len(seen) == n:
+                return seen
+
+    def break_it():
+        service.health.note_failure(torch.AcceleratorError("CUDA error: device-side assert triggered"))
+
+    S = health_pb2.HealthCheckResponse
+    assert asyncio.run(asyncio.wait_for(watch("", 2, break_it), 5)) == [S.SERVING, S.NOT_SERVING]
+    assert asyncio.run(asyncio.wait_for(watch("nope", 1), 5)) == [S.SERVICE_UNKNOWN]
 
 
 # -- a real gRPC server around the plain servicer ------------------------------------------------------------

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qzoom_service.config import EngineConfig, RequestOptions, nvidia_driver_present
 from qzoom_service.engine import QZoomEngine
@@ -120,3 +121,12 @@ def test_engine_variables_reach_serve_under_the_config_file_and_the_flags(tmp_pa
     plan = plan_local(config_path=str(config), model="from-flag", environ=env, **ports)
     engine = AppSettings.from_dict(plan.args).engine
     assert (engine.max_new_tokens, engine.max_question_chars, engine.model) == (9, 100, "from-flag")
+
+
+def test_local_serve_turns_reflection_on_and_a_config_file_decides_for_itself(tmp_path):
+    _, _, grpc_options, _ = plan_local(environ={})
+    assert grpc_options["enable_reflection"] is True  # grpcurl works against `qzoom serve`
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"grpc_options": {"enable_reflection": False}, "applications": [
+        {"name": "qzoom", "import_path": "qzoom_service.serve.app:build_app", "args": {}}]}))
+    assert plan_local(config_path=str(config), environ={})[2]["enable_reflection"] is False

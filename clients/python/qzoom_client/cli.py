@@ -1,4 +1,5 @@
-"""`qzoom ask` / `qzoom zoom` (also `qzoom-client ask|zoom`): call a running service from the shell."""
+"""`qzoom-client ask|zoom|upload|health` (also mounted as `qzoom ask|zoom|upload|health`): call a running
+service from the shell."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import json
 import os
 import sys
 
+from . import __version__
 from .client import QZoomClient, QZoomClientError
 
 __all__ = ["add_client_subcommands", "main"]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, image: str | None = "image file, or an image id returned by an upload"):
+    """The flags every subcommand shares; `image`: the --image help text, None for no --image."""
     p.add_argument("--addr", required=True, help="HOST:PORT of the gRPC service, e.g. localhost:9000")
-    p.add_argument("--image", required=True, help="image file, or an image id returned by an upload")
+    if image:
+        p.add_argument("--image", required=True, help=image)
     p.add_argument("--api-key", help="sent as 'authorization: Bearer <key>' (default: $QZOOM_API_KEY)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default 120)")
     p.add_argument("--json", action="store_true", help="print the response fields as one JSON object")
@@ -26,14 +30,18 @@ def _client(args) -> QZoomClient:
 
 
 def _reporting(command):
-    """Errors exit 2 with `qzoom <cmd>: <STATUS>: <details>` (wherever the command is mounted)."""
+    """Errors exit 2 with `qzoom <cmd>: <STATUS>: <details>` on stderr (wherever the command is mounted),
+    or under `--json` with `{"error": {"code": ..., "details": ...}}` on stdout."""
 
     @functools.wraps(command)
     def run(args) -> int:
         try:
             return command(args)
         except QZoomClientError as e:
-            print(f"qzoom {args.command}: {e.code}: {e.details}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"error": {"code": e.code, "details": e.details}}))
+            else:
+                print(f"qzoom {args.command}: {e.code}: {e.details}", file=sys.stderr)
             return 2
 
     return run
@@ -75,8 +83,36 @@ def cmd_zoom(args) -> int:
     return 0
 
 
+@_reporting
+def cmd_upload(args) -> int:
+    with _client(args) as client:
+        result = client.upload_image(args.image)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(result.image_id)
+        print(f"[{result.width}x{result.height} -> model input {result.input_width}x{result.input_height}"
+              f"{' (already stored)' if result.already_stored else ''}]", file=sys.stderr)
+    return 0
+
+
+@_reporting
+def cmd_health(args) -> int:
+    """Exit 0 when the service is SERVING, 1 when it answers otherwise, 2 when it does not answer."""
+    with _client(args) as client:
+        status, detail = client.check(), client.health()
+    if args.json:
+        print(json.dumps({"status": status, **detail.to_json()}))
+    else:
+        print(status)
+        print(f"[model {detail.model_id}, version {detail.version}, cache {detail.cache_backend} "
+              f"{'reachable' if detail.cache_reachable else 'UNREACHABLE'}]", file=sys.stderr)
+    return 0 if status == "SERVING" else 1
+
+
 def add_client_subcommands(sub) -> None:
-    """Mount `ask` and `zoom` on an argparse subparsers object (the service's `qzoom` CLI uses this)."""
+    """Mount `ask`, `zoom`, `upload` and `health` on an argparse subparsers object (the service's `qzoom`
+    CLI uses this)."""
     ask = sub.add_parser("ask", help="ask a running service a question about an image")
     _common(ask)
     ask.add_argument("--question", required=True)
@@ -89,10 +125,17 @@ def add_client_subcommands(sub) -> None:
     zoom.add_argument("--question", help="ask about the region (zoomed re-decode)")
     zoom.add_argument("--out", help="write the crop PNG here")
     zoom.set_defaults(func=cmd_zoom)
+    upload = sub.add_parser("upload", help="store an image on a running service once; prints its image id")
+    _common(upload, image="image file to upload")
+    upload.set_defaults(func=cmd_upload)
+    health = sub.add_parser("health", help="is a running service SERVING (grpc.health.v1), with its model and cache")
+    _common(health, image=None)
+    health.set_defaults(func=cmd_health)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qzoom-client", description="qzoom-service gRPC client")
+    parser.add_argument("--version", action="version", version=f"qzoom-client {__version__}")
     add_client_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

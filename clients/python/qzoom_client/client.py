@@ -2,30 +2,59 @@
 
 Images are given as bytes (sent inline), a path to a file (read and sent inline) or an image id (a
 64-character sha256 hex string returned by `upload_image`). Calls that fail with UNAVAILABLE are retried
-with exponential backoff; every other status raises `QZoomClientError` at once.
+by gRPC itself, from the channel's service config (`retryPolicy`: exponential backoff with gRPC's own
+jitter); every other status raises `QZoomClientError` at once.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import re
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ._proto.qzoom.v1 import qzoom_pb2 as pb
 from ._proto.qzoom.v1 import qzoom_pb2_grpc as pb_grpc
 
 __all__ = ["QZoomClient", "AsyncQZoomClient", "QZoomClientError", "AnswerResult", "ZoomResult", "UploadResult",
-           "HealthResult"]
+           "HealthResult", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "channel_options"]
 
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 _MODES = {"auto": pb.MODE_AUTO, "direct": pb.MODE_DIRECT, "zoom": pb.MODE_ZOOM}
 _SPACES = {"original": pb.COORD_SPACE_ORIGINAL, "input": pb.COORD_SPACE_INPUT,
            "norm1000": pb.COORD_SPACE_NORM1000, "norm1": pb.COORD_SPACE_NORM1}
-_RETRIED = (grpc.StatusCode.UNAVAILABLE,)
+_SERVICE = "qzoom.v1.QZoomService"
+
+# The server's default limits (EngineConfig.max_image_bytes / max_image_pixels): the largest image it
+# accepts, inline, and the most pixels it decodes.
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+MAX_IMAGE_PIXELS = 64_000_000
+_ENVELOPE = 1 << 20  # question, options and the other fields around an image or a crop
+# A crop is a PNG of up to the whole decoded image: 8-bit RGB(A) is at most 4 bytes a pixel plus PNG's
+# per-row filter byte and deflate's block headers, well inside this bound.
+_MAX_CROP_BYTES = 5 * MAX_IMAGE_PIXELS
+_MAX_ATTEMPTS = 5  # gRPC caps a retry policy's maxAttempts at 5
+
+
+def channel_options(retries: int = 3, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
+                    max_send_bytes: int = MAX_IMAGE_BYTES + _ENVELOPE,
+                    max_receive_bytes: int = _MAX_CROP_BYTES + _ENVELOPE) -> list[tuple[str, object]]:
+    """gRPC channel options: message limits that fit the largest image the server accepts and a crop of
+    all of it (gRPC's default receive limit is 4 MiB), and UNAVAILABLE retried `retries` times (at most 4)
+    through the service config."""
+    options = [("grpc.max_send_message_length", max_send_bytes),
+               ("grpc.max_receive_message_length", max_receive_bytes)]
+    if retries > 0:
+        policy = {"maxAttempts": min(retries + 1, _MAX_ATTEMPTS), "initialBackoff": f"{backoff_s}s",
+                  "maxBackoff": f"{max(max_backoff_s, backoff_s)}s", "backoffMultiplier": 2,
+                  "retryableStatusCodes": ["UNAVAILABLE"]}
+        config = {"methodConfig": [{"name": [{"service": _SERVICE}, {"service": "grpc.health.v1.Health"}],
+                                    "retryPolicy": policy}]}
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    return options
 
 
 class QZoomClientError(Exception):
@@ -95,6 +124,9 @@ class HealthResult:
     model_id: str
     version: str
     cache_backend: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 # -- requests and responses ------------------------------------------------------------------------
@@ -171,16 +203,25 @@ def _zoom_request(image_or_id, box, space, question, crop_id, label, options) ->
 
 
 class _Base:
+    """`retries`: extra attempts after UNAVAILABLE (0 to 4), `backoff_s` the first wait; `**channel`: further
+    `channel_options` (e.g. `max_receive_bytes`)."""
+
     def __init__(self, addr: str, api_key: str | None = None, timeout: float = 60.0, retries: int = 3,
-                 backoff_s: float = 0.2, application: str | None = None):
-        self.addr, self.timeout, self.retries, self.backoff_s = addr, timeout, retries, backoff_s
+                 backoff_s: float = 0.2, application: str | None = None, **channel):
+        self.addr, self.timeout = addr, timeout
+        self.options = channel_options(retries=retries, backoff_s=backoff_s, **channel)
         self.metadata = tuple(
             ([("authorization", f"Bearer {api_key}")] if api_key else [])
             + ([("application", application)] if application else [])
         )
 
-    def _delay(self, attempt: int) -> float:
-        return self.backoff_s * (2 ** attempt)
+
+def _health_result(r) -> HealthResult:
+    return HealthResult(r.model_loaded, r.cache_reachable, r.model_id, r.version, r.cache_backend)
+
+
+def _status_name(r) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
 
 class QZoomClient(_Base):
@@ -188,8 +229,9 @@ class QZoomClient(_Base):
 
     def __init__(self, addr: str, **kwargs):
         super().__init__(addr, **kwargs)
-        self._channel = grpc.insecure_channel(addr)
+        self._channel = grpc.insecure_channel(addr, options=self.options)
         self._stub = pb_grpc.QZoomServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self):
         return self
@@ -200,31 +242,32 @@ class QZoomClient(_Base):
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: str, request):
-        for attempt in range(self.retries + 1):
-            try:
-                return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self.metadata)
-            except grpc.RpcError as e:
-                if e.code() not in _RETRIED or attempt == self.retries:
-                    raise QZoomClientError(e.code().name, e.details() or "") from None
-                time.sleep(self._delay(attempt))
+    def _call(self, stub, method: str, request):
+        try:
+            return getattr(stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise QZoomClientError(e.code().name, e.details() or "") from None
 
     def upload_image(self, image) -> UploadResult:
-        r = self._call("UploadImage", _upload(image))
+        r = self._call(self._stub, "UploadImage", _upload(image))
         return UploadResult(r.image_id, r.width, r.height, r.input_width, r.input_height, r.already_stored)
 
     def answer(self, image_or_id, question: str, **options) -> AnswerResult:
         request = pb.AnswerRequest(question=question, options=_options(**options), **_source(image_or_id))
-        return _answer_result(self._call("Answer", request))
+        return _answer_result(self._call(self._stub, "Answer", request))
 
     def zoom_region(self, image_or_id, box, space: str = "original", *, question: str | None = None,
                     crop_id: str | None = None, label: str = "", **options) -> ZoomResult:
         request = _zoom_request(image_or_id, box, space, question, crop_id, label, options)
-        return _zoom_result(self._call("ZoomRegion", request))
+        return _zoom_result(self._call(self._stub, "ZoomRegion", request))
 
     def health(self) -> HealthResult:
-        r = self._call("Health", pb.HealthRequest())
-        return HealthResult(r.model_loaded, r.cache_reachable, r.model_id, r.version, r.cache_backend)
+        """The detailed status (`qzoom.v1` Health): model, cache, version."""
+        return _health_result(self._call(self._stub, "Health", pb.HealthRequest()))
+
+    def check(self, service: str = _SERVICE) -> str:
+        """The standard `grpc.health.v1` status a probe sees: "SERVING" or "NOT_SERVING"."""
+        return _status_name(self._call(self._health, "Check", health_pb2.HealthCheckRequest(service=service)))
 
 
 class AsyncQZoomClient(_Base):
@@ -232,8 +275,9 @@ class AsyncQZoomClient(_Base):
 
     def __init__(self, addr: str, **kwargs):
         super().__init__(addr, **kwargs)
-        self._channel = grpc.aio.insecure_channel(addr)
+        self._channel = grpc.aio.insecure_channel(addr, options=self.options)
         self._stub = pb_grpc.QZoomServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def __aenter__(self):
         return self
@@ -244,28 +288,27 @@ class AsyncQZoomClient(_Base):
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method: str, request):
-        for attempt in range(self.retries + 1):
-            try:
-                return await getattr(self._stub, method)(request, timeout=self.timeout, metadata=self.metadata)
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in _RETRIED or attempt == self.retries:
-                    raise QZoomClientError(e.code().name, e.details() or "") from None
-                await asyncio.sleep(self._delay(attempt))
+    async def _call(self, stub, method: str, request):
+        try:
+            return await getattr(stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.aio.AioRpcError as e:
+            raise QZoomClientError(e.code().name, e.details() or "") from None
 
     async def upload_image(self, image) -> UploadResult:
-        r = await self._call("UploadImage", _upload(image))
+        r = await self._call(self._stub, "UploadImage", _upload(image))
         return UploadResult(r.image_id, r.width, r.height, r.input_width, r.input_height, r.already_stored)
 
     async def answer(self, image_or_id, question: str, **options) -> AnswerResult:
         request = pb.AnswerRequest(question=question, options=_options(**options), **_source(image_or_id))
-        return _answer_result(await self._call("Answer", request))
+        return _answer_result(await self._call(self._stub, "Answer", request))
 
     async def zoom_region(self, image_or_id, box, space: str = "original", *, question: str | None = None,
                           crop_id: str | None = None, label: str = "", **options) -> ZoomResult:
         request = _zoom_request(image_or_id, box, space, question, crop_id, label, options)
-        return _zoom_result(await self._call("ZoomRegion", request))
+        return _zoom_result(await self._call(self._stub, "ZoomRegion", request))
 
     async def health(self) -> HealthResult:
-        r = await self._call("Health", pb.HealthRequest())
-        return HealthResult(r.model_loaded, r.cache_reachable, r.model_id, r.version, r.cache_backend)
+        return _health_result(await self._call(self._stub, "Health", pb.HealthRequest()))
+
+    async def check(self, service: str = _SERVICE) -> str:
+        return _status_name(await self._call(self._health, "Check", health_pb2.HealthCheckRequest(service=service)))

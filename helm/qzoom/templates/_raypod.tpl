@@ -92,6 +92,17 @@ spec:
         {{- $_ := set $resources "limits" $limits }}
         {{- end }}
         {{- toYaml $resources | nindent 8 }}
+      {{- if and (not $head) $v.probes.readiness.enabled }}
+      # grpc.health.v1 through this pod's Serve proxy (routed to the app's ingress): Ready while it answers SERVING.
+      # The head keeps KubeRay's own probes: the operator reaches its dashboard before any app runs.
+      readinessProbe:
+        grpc:
+          port: {{ $v.serve.grpc.port | int }}
+          service: qzoom.v1.QZoomService
+        periodSeconds: {{ $v.probes.readiness.periodSeconds | int }}
+        timeoutSeconds: {{ $v.probes.readiness.timeoutSeconds | int }}
+        failureThreshold: {{ $v.probes.readiness.failureThreshold | int }}
+      {{- end }}
       securityContext:
         {{- toYaml $v.securityContext | nindent 8 }}
       volumeMounts:

@@ -13,6 +13,7 @@ grpc_options:
   port: {{ $serve.grpc.port | int }}
   grpc_servicer_functions:
     - qzoom_client._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server
+    - grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server
   request_timeout_s: {{ $serve.grpc.requestTimeoutS | toJson }}
   enable_reflection: {{ $serve.grpc.enableReflection | toJson }}
 applications:
