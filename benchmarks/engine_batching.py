@@ -53,6 +53,12 @@ def _seconds(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def _stage_ms(results) -> dict[str, float]:
+    """Each stage's time summed over the rows (the engine's own per-request timings)."""
+    names = sorted({k for r in results for k in r.timings_ms if k != "total"})
+    return {k: round(sum(r.timings_ms.get(k, 0.0) for r in results), 1) for k in names}
+
+
 def run(engine: QZoomEngine, n: int, repeats: int, max_new_tokens: int) -> dict:
     out = {}
     for mode in ("direct", "zoom"):
@@ -62,8 +68,10 @@ def run(engine: QZoomEngine, n: int, repeats: int, max_new_tokens: int) -> dict:
         for _ in range(repeats):
             singles.append(_seconds(lambda: [engine.answer([r]) for r in requests]))
             batches.append(_seconds(lambda: engine.answer(requests)))
-        routes = [r.route for r in engine.answer(requests)]
-        out[mode] = {"zoomed": routes.count("zoom")}
+        batch = engine.answer(requests)
+        single = [engine.answer([r])[0] for r in requests]
+        out[mode] = {"zoomed": [r.route for r in batch].count("zoom"),
+                     "stage_ms_batch": _stage_ms(batch), "stage_ms_singles": _stage_ms(single)}
         for i, clock in enumerate(("wall", "cpu")):
             single, batch = statistics.median(s[i] for s in singles), statistics.median(b[i] for b in batches)
             out[mode].update({f"singles_{clock}_s": single, f"batch_{clock}_s": batch,
