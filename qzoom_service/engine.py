@@ -12,10 +12,13 @@ Three entry points:
   layer 0..K-1 K/V over the network, then runs the fused prefill. A zoom server receives the prepared
   request (`for_zoom`: no coarse pixels) and the plan, so the image is decoded and encoded once.
 
-Batches: requests are validated first (a bad one raises before any model work), the coarse images that
-miss the feature cache go through the vision tower in one call, and pass 1 (trunk layers 0..K-1) runs
-as one left-padded batch. The gate, the RPN, the zoom and decoding then run request by request, so each
-item equals a single call up to floating-point summation order.
+Batches: requests are validated first (a bad one raises before any model work); then every stage runs
+once for the rows that need it: the coarse vision tower (images that miss the feature cache), pass 1
+(trunk layers 0..K-1), the gate (auto rows), the RPN (rows whose gate opened), the crops' vision tower,
+the fused prefill (zooming rows) and the plain prefill's rest (direct rows), each one padded batch
+(padding lives in `coarse.py`). Each row equals a single call up to floating-point summation order; a
+batched stage's time is shared equally by its rows. Decoding still runs row by row (`_decode`). The
+training-free RoI (plain weights) batches its generic-prompt prefill; its map is read per row.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 from . import attention_roi, decode, gate, rpn, zoom
 from .cache import CoarseFeatures, FeatureKey
-from .coarse import encode_images, prefill_batch_to_k, prefill_to_k
+from .coarse import encode_images, prefill_batch_to_k, prefill_rest, prefill_to_k
 from .config import EngineConfig
 from .errors import InvalidInput
 from .geometry import fit_crop_box
@@ -70,6 +73,40 @@ def _timed(timings: dict, name: str):
     timings[name] = timings.get(name, 0.0) + (time.perf_counter() - start) * 1000.0
 
 
+@contextmanager
+def _shared(timings: list[dict], name: str):
+    """Time one batched stage; each row it served gets an equal share."""
+    start = time.perf_counter()
+    yield
+    share = (time.perf_counter() - start) * 1000.0 / max(1, len(timings))
+    for t in timings:
+        t[name] = t.get(name, 0.0) + share
+
+
+@dataclass
+class _Prefill:
+    """A row's finished prefill, ready to decode from."""
+
+    hidden: torch.Tensor  # (1, D) last prompt token after the final norm
+    cache: object  # DynamicCache of every layer over the row's prompt
+    position: torch.Tensor  # (3, 1, 1) M-RoPE position of the last prompt token
+    num_roi: int = 0  # M RoI tokens in the prompt; 0 for the plain prompt
+
+
+@dataclass
+class _Row:
+    """One request on its way through a batch; each stage fills in its part."""
+
+    prepared: Prepared
+    embeds: torch.Tensor  # (Nv, D) coarse image features
+    timings: dict[str, float]
+    cache_hit: bool
+    state: CoarseState | None = None
+    gate_score: float | None = None
+    plan: ZoomPlan | None = None  # set while the row is on the zoom route
+    prefill: _Prefill | None = None
+
+
 class QZoomEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, feature_cache=None):
         """`feature_cache`: optional object with `get_features(key)` / `put_features(key, features)` (see
@@ -91,24 +128,19 @@ class QZoomEngine:
 
     @torch.inference_mode()
     def answer(self, requests: list[Request | Prepared]) -> list[Result]:
-        out = []
-        for p, embeds, timings, hit, state in self._coarse_states(requests):
-            decision = self._decide(p, state, embeds, timings)
-            result = self._zoom_result(p, state, decision, timings, hit) if isinstance(decision, ZoomPlan) else None
-            out.append(result or self._direct(p, state, decision, timings, hit))
-        return out
+        rows = self._pass_one(requests)
+        self._gate(rows)
+        self._plan(rows)
+        self._zoom_prefill([r for r in rows if r.plan is not None])
+        return self._finish(rows)
 
     @torch.inference_mode()
     def route(self, requests: list[Request | Prepared]) -> list[Result | ZoomPlan]:
-        out = []
-        for p, embeds, timings, hit, state in self._coarse_states(requests):
-            decision = self._decide(p, state, embeds, timings)
-            if isinstance(decision, ZoomPlan):
-                coarse = CoarseFeatures(embeds=embeds.detach().cpu(), grid_thw=p.grid_thw)
-                out.append(replace(decision, timings_ms=tuple(timings.items()), cache_hit=hit, coarse=coarse))
-            else:
-                out.append(self._direct(p, state, decision, timings, hit))
-        return out
+        rows = self._pass_one(requests)
+        self._gate(rows)
+        self._plan(rows)
+        direct = iter(self._finish([r for r in rows if r.plan is None]))
+        return [self._handoff(r) if r.plan is not None else next(direct) for r in rows]
 
     @torch.inference_mode()
     def zoom(self, request: Request | Prepared, plan: ZoomPlan) -> Result:
@@ -123,10 +155,11 @@ class QZoomEngine:
             p, embeds, timings, hit = self._travelled(request, plan)
         for name, ms in plan.timings_ms:
             timings[f"coarse.{name}"] = ms
+        row = _Row(p, embeds, timings, hit, gate_score=plan.gate_score, plan=plan)
         with _timed(timings, "prefill_k"):
-            state = prefill_to_k(self.model, p, embeds, self.loaded.branch_layer)
-        return (self._zoom_result(p, state, plan, timings, hit)
-                or self._direct(p, state, _Direct(plan.gate_score), timings, hit))
+            row.state = prefill_to_k(self.model, p, embeds, self.loaded.branch_layer)
+        self._zoom_prefill([row])
+        return self._finish([row])[0]
 
     def plan_for_box(self, request: Request | Prepared, box) -> ZoomPlan:
         """A `ZoomPlan` for an explicit box in original pixels (clamped, grown to >= one merged token per side)."""
@@ -170,16 +203,14 @@ class QZoomEngine:
         embeds = [self._cached_features(p) for p in prepared]
         missing = [i for i, e in enumerate(embeds) if e is None]
         if missing:
-            start = time.perf_counter()
-            encoded = encode_images(
-                self.model,
-                torch.cat([prepared[i].pixel_values for i in missing]),
-                torch.cat([prepared[i].grid_thw for i in missing]),
-            )
-            share = (time.perf_counter() - start) * 1000.0 / len(missing)
+            with _shared([timings[i] for i in missing], "vision_coarse"):
+                encoded = encode_images(
+                    self.model,
+                    torch.cat([prepared[i].pixel_values for i in missing]),
+                    torch.cat([prepared[i].grid_thw for i in missing]),
+                )
             for i, e in zip(missing, encoded):
                 embeds[i] = e
-                timings[i]["vision_coarse"] = share
                 self._store_features(prepared[i], e)
         hits = [i not in missing for i in range(len(prepared))]
         return list(zip(prepared, embeds, timings, hits))
@@ -205,106 +236,139 @@ class QZoomEngine:
         if key is not None:
             self.feature_cache.put_features(key, CoarseFeatures(embeds=embeds.detach().cpu(), grid_thw=p.grid_thw))
 
-    def _coarse_states(self, requests):
+    def _pass_one(self, requests) -> list[_Row]:
         """`_coarse_batch` plus pass 1 for the whole batch in one left-padded forward."""
-        items = self._coarse_batch(requests)
-        start = time.perf_counter()
-        states = prefill_batch_to_k(self.model, [i[0] for i in items], [i[1] for i in items],
-                                    self.loaded.branch_layer)
-        share = (time.perf_counter() - start) * 1000.0 / max(1, len(items))
-        for item in items:
-            item[2]["prefill_k"] = share
-        return [(*item, state) for item, state in zip(items, states)]
+        rows = [_Row(p, embeds, timings, hit) for p, embeds, timings, hit in self._coarse_batch(requests)]
+        with _shared([r.timings for r in rows], "prefill_k"):
+            states = prefill_batch_to_k(self.model, [r.prepared for r in rows], [r.embeds for r in rows],
+                                        self.loaded.branch_layer)
+        for row, state in zip(rows, states):
+            row.state = state
+        return rows
 
-    def _decide(self, p: Prepared, state: CoarseState, embeds: torch.Tensor, timings: dict):
-        """The gate, then the RPN if it opens. -> ZoomPlan | _Direct."""
-        mode = p.options.mode
-        score, direct_hidden = None, None
-        if mode == "auto":
-            with _timed(timings, "gate"):
-                if self.branches.has_gate:
-                    score = gate.trained_gate_score(self.branches, state)
-                else:  # the confidence rule needs the direct prefill, which the direct route then reuses
-                    direct_hidden = decode.finish_prefill(self.model, state)
-                    score = gate.confidence_gate_score(self.model.lm_head(direct_hidden))
-        if mode == "direct" or (mode == "auto" and score < p.options.gate_threshold):
-            return _Direct(score, direct_hidden)
-        factor = self.loaded.factor
-        with _timed(timings, "rpn"):
-            prob, source = self._roi_probability(p, state, embeds)
-            cell_box, box = rpn.map_to_box(prob, p.options.roi_threshold, p.original.size,
-                                           relative=source == "attention", factor=factor)
+    def _gate(self, rows: list[_Row]) -> None:
+        """Gate scores of the auto rows in one call."""
+        auto = [r for r in rows if r.prepared.options.mode == "auto"]
+        if not auto:
+            return
+        with _shared([r.timings for r in auto], "gate"):
+            if self.branches.has_gate:
+                scores = gate.trained_gate_scores(self.branches, [r.state for r in auto])
+            else:  # the confidence rule needs the direct prefill, which the direct route then reuses
+                self._plain_prefill(auto)
+                scores = [gate.confidence_gate_score(self.model.lm_head(r.prefill.hidden)) for r in auto]
+        for row, score in zip(auto, scores):
+            row.gate_score = score
+
+    def _plan(self, rows: list[_Row]) -> None:
+        """The RPN for the rows that want the zoom, in one call; a usable box puts a row on the zoom route."""
+        wanted = [r for r in rows if r.prepared.options.mode == "zoom"
+                  or (r.prepared.options.mode == "auto" and r.gate_score >= r.prepared.options.gate_threshold)]
+        if not wanted:
+            return
+        with _shared([r.timings for r in wanted], "rpn"):
+            for row, (prob, source) in zip(wanted, self._roi_probabilities(wanted)):
+                row.plan = self._plan_from_map(row, prob, source)
+
+    def _roi_probabilities(self, rows: list[_Row]) -> list[tuple[torch.Tensor, str]]:
+        """-> per row (RoI map (Hm, Wm), its source)."""
+        if self.branches.has_rpn:
+            logits = rpn.roi_logits_batch(self.branches, [r.state for r in rows], [r.prepared.merged_hw for r in rows])
+            return [(torch.sigmoid(x.float()), "sd_rpn") for x in logits]
+        generic = [Prepared(
+            original=r.prepared.original,
+            input_ids=self.processor.prompt_ids(attention_roi.GENERIC_PROMPT, r.state.num_visual),
+            pixel_values=r.prepared.pixel_values, grid_thw=r.prepared.grid_thw, options=r.prepared.options,
+            patch_size=r.prepared.patch_size, merge_size=r.prepared.merge_size,
+        ) for r in rows]
+        generic_states = prefill_batch_to_k(self.model, generic, [r.embeds for r in rows], self.loaded.branch_layer)
+        return [(attention_roi.attention_map(self.model, r.state, g, r.prepared.merged_hw), "attention")
+                for r, g in zip(rows, generic_states)]
+
+    def _plan_from_map(self, row: _Row, prob: torch.Tensor, source: str) -> ZoomPlan | None:
+        p, factor = row.prepared, self.loaded.factor
+        cell_box, box = rpn.map_to_box(prob, p.options.roi_threshold, p.original.size,
+                                       relative=source == "attention", factor=factor)
         if box is None or box[2] - box[0] < factor or box[3] - box[1] < factor:
             log.debug("zoom wanted but no usable RoI (empty map or image under one merged token): direct answer")
-            return _Direct(score, direct_hidden)
-        return ZoomPlan(box=box, cell_box=cell_box, gate_score=score, roi_map=prob.tolist(), roi_source=source)
+            return None
+        return ZoomPlan(box=box, cell_box=cell_box, gate_score=row.gate_score, roi_map=prob.tolist(),
+                        roi_source=source)
 
-    def _roi_probability(self, p: Prepared, state: CoarseState, image_embeds) -> tuple[torch.Tensor, str]:
-        if self.branches.has_rpn:
-            return torch.sigmoid(rpn.roi_logits(self.branches, state, p.merged_hw).float()), "sd_rpn"
-        generic = Prepared(
-            original=p.original,
-            input_ids=self.processor.prompt_ids(attention_roi.GENERIC_PROMPT, state.num_visual),
-            pixel_values=p.pixel_values, grid_thw=p.grid_thw, options=p.options,
-            patch_size=p.patch_size, merge_size=p.merge_size,
-        )
-        generic_state = prefill_to_k(self.model, generic, image_embeds, state.branch_layer)
-        return attention_roi.attention_map(self.model, state, generic_state, p.merged_hw), "attention"
+    def _zoom_prefill(self, rows: list[_Row]) -> None:
+        """Every zooming row's crop through the vision tower in one call, then the fused prefill as one padded
+        batch. A crop under one merged token takes its row off the zoom route (answered directly)."""
+        crops = []
+        for row in rows:
+            options = row.prepared.options
+            with _timed(row.timings, "zoom_encode"):
+                crops.append(zoom.encode_crop(self.processor, row.prepared.original, row.plan.box,
+                                              options.zoom_min_pixels, options.zoom_max_pixels))
+            if crops[-1] is None:
+                row.plan = None
+        rows, crops = [r for r in rows if r.plan is not None], [c for c in crops if c is not None]
+        if not rows:
+            return
+        with _shared([r.timings for r in rows], "zoom_encode"):
+            roi_embeds = encode_images(self.model, torch.cat([pv for pv, _ in crops]),
+                                       torch.cat([grid for _, grid in crops]))
+        with _shared([r.timings for r in rows], "zoom_prefill"):
+            zins = []
+            for row, roi, (_, grid) in zip(rows, roi_embeds, crops):
+                merge = row.prepared.merge_size
+                roi_hw = (int(grid[0, 1]) // merge, int(grid[0, 2]) // merge)
+                zins.append(zoom.build_zoom_input(row.state, roi, row.prepared.merged_hw, roi_hw, row.plan.cell_box,
+                                                  self.config.reuse_src_pos))
+            prefills = zoom.prefill_zoom_batch(self.model, [r.state for r in rows], zins)
+        for row, zin, (hidden, cache) in zip(rows, zins, prefills):
+            row.prefill = _Prefill(hidden, cache, zin.positions[:, :, -1:], zin.num_roi)
 
-    def _direct(self, p: Prepared, state: CoarseState, decision: "_Direct", timings, cache_hit: bool) -> Result:
-        hidden = decision.hidden
-        if hidden is None:
-            with _timed(timings, "prefill_rest"):
-                hidden = decode.finish_prefill(self.model, state)
-        with _timed(timings, "decode"):
-            ids = decode.greedy_decode(
-                self.model, hidden, state.cache, state.positions[:, :, -1:], p.input_ids,
-                p.options.max_new_tokens, p.options.repetition_penalty,
-            )
-        return self._result(p, state, "direct", decision.gate_score, None, timings, ids, 0, cache_hit)
+    def _plain_prefill(self, rows: list[_Row]) -> None:
+        """Trunk layers K..N-1 over each row's own prompt, one padded batch (no timing: callers time it)."""
+        states = [r.state for r in rows]
+        prefills = prefill_rest(self.model, states, [s.embeds for s in states], [s.positions for s in states],
+                                [s.h_k.shape[1] for s in states])
+        for row, (hidden, cache) in zip(rows, prefills):
+            row.prefill = _Prefill(hidden, cache, row.state.positions[:, :, -1:])
 
-    def _zoom_result(self, p: Prepared, state: CoarseState, plan: ZoomPlan, timings, cache_hit) -> Result | None:
-        """The zoom route, or None when the crop cannot be encoded (caller answers directly)."""
-        with _timed(timings, "zoom_encode"):
-            encoded = zoom.encode_crop(
-                self.processor, p.original, plan.box, p.options.zoom_min_pixels, p.options.zoom_max_pixels
-            )
-            if encoded is None:
-                return None
-            pixel_values, roi_grid = encoded
-            (roi_embeds,) = encode_images(self.model, pixel_values, roi_grid)
-        roi_hw = (int(roi_grid[0, 1]) // p.merge_size, int(roi_grid[0, 2]) // p.merge_size)
-        with _timed(timings, "zoom_prefill"):
-            zin = zoom.build_zoom_input(state, roi_embeds, p.merged_hw, roi_hw, plan.cell_box,
-                                        self.config.reuse_src_pos)
-            hidden, cache = zoom.prefill_zoom(self.model, state, zin)
-        with _timed(timings, "decode"):
-            ids = decode.greedy_decode(
-                self.model, hidden, cache, zin.positions[:, :, -1:], p.input_ids,
-                p.options.max_new_tokens, p.options.repetition_penalty,
-            )
-        return self._result(p, state, "zoom", plan.gate_score, plan, timings, ids, zin.num_roi, cache_hit)
+    def _finish(self, rows: list[_Row]) -> list[Result]:
+        """The direct rows' prefill rest in one batch (unless the gate already ran it), then decoding."""
+        direct = [r for r in rows if r.prefill is None]
+        if direct:
+            with _shared([r.timings for r in direct], "prefill_rest"):
+                self._plain_prefill(direct)
+        return [self._result(r, ids) for r, ids in zip(rows, self._decode(rows))]
 
-    def _result(self, p, state, route, gate_score, plan: ZoomPlan | None, timings, generated, num_roi,
-                cache_hit) -> Result:
+    def _decode(self, rows: list[_Row]) -> list[list[int]]:
+        """Greedy tokens of every row from its prefill: the one place decoding runs (one batched call
+        taking all the rows goes here)."""
+        out = []
+        for row in rows:
+            p, pre = row.prepared, row.prefill
+            with _timed(row.timings, "decode"):
+                out.append(decode.greedy_decode(self.model, pre.hidden, pre.cache, pre.position, p.input_ids,
+                                                p.options.max_new_tokens, p.options.repetition_penalty))
+        return out
+
+    def _handoff(self, row: _Row) -> ZoomPlan:
+        """A row's plan as `route` returns it: with its timings and coarse features, for the zoom pass."""
+        coarse = CoarseFeatures(embeds=row.embeds.detach().cpu(), grid_thw=row.prepared.grid_thw)
+        return replace(row.plan, timings_ms=tuple(row.timings.items()), cache_hit=row.cache_hit, coarse=coarse)
+
+    def _result(self, row: _Row, generated: list[int]) -> Result:
+        p, plan, timings = row.prepared, row.plan, row.timings
         timings["total"] = sum(v for k, v in timings.items() if k != "total" and not k.startswith("coarse."))
         return Result(
             answer=self.processor.tokenizer.decode(generated, skip_special_tokens=True).strip(),
-            route=route,
-            gate_score=gate_score,
+            route="zoom" if plan else "direct",
+            gate_score=row.gate_score,
             roi_map=plan.roi_map if plan else None,
             roi_box=tuple(plan.box) if plan else None,
-            visual_tokens={"coarse": state.num_visual, "zoom": num_roi},
+            visual_tokens={"coarse": row.state.num_visual, "zoom": row.prefill.num_roi},
             generated_ids=generated,
             timings_ms=timings,
             original_size=p.original.size,
             input_size=p.input_size,
             roi_source=plan.roi_source if plan else None,
-            cache_hit=cache_hit,
+            cache_hit=row.cache_hit,
         )
-
-
-@dataclass
-class _Direct:
-    gate_score: float | None
-    hidden: torch.Tensor | None = None

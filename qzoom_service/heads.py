@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, apply_rotary_pos_emb
 
-__all__ = ["QZoomBranches", "last_token_qk"]
+__all__ = ["QZoomBranches", "last_token_qk", "last_token_qk_batch"]
 
 
 class QZoomBranches(nn.Module):
@@ -75,33 +75,38 @@ class QZoomBranches(nn.Module):
         """Probability that the coarse view is NOT enough (zoom wanted). h_k: (B, L, D) -> (B,)."""
         return torch.sigmoid(self.gate_logit(h_k, mask, position_embeddings))
 
-    def rpn_logits(self, h_k: torch.Tensor, mask, position_embeddings, visual_index: torch.Tensor) -> torch.Tensor:
-        """Query-key map of the last prompt token over the visual tokens (SD-RPN, `roi_source="qk"`).
+    def rpn_logits(self, h_k: torch.Tensor, mask, position_embeddings) -> torch.Tensor:
+        """Query-key map of each row's last prompt token over every token (SD-RPN, `roi_source="qk"`).
 
-        h_k: (1, L, D); visual_index: (Nv,) sequence positions of the image tokens. The first T-1 RPN layers
-        run fully; of the last one only its norm and q/k projections are used. Returns raw scaled logits
-        (Nv,), mean over heads; sigmoid gives the per-cell foreground probability.
+        h_k: (B, L, D) -> raw scaled logits (B, L), mean over heads; the image tokens' entries, through a
+        sigmoid, are the per-cell foreground probabilities. The first T-1 RPN layers run fully; of the last
+        one only its norm and q/k projections are used.
         """
         r = h_k
         for layer in self.rpn_layers[:-1]:
             r = layer(r, attention_mask=mask, position_embeddings=position_embeddings)
-        scores = last_token_qk(self.rpn_layers[-1], r, position_embeddings)  # (H, L)
-        return scores[:, visual_index].mean(0)
+        return last_token_qk_batch(self.rpn_layers[-1], r, position_embeddings).mean(1)
 
 
 def last_token_qk(layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """Scaled attention logits q(last) . k(all) / sqrt(d) of one decoder layer, per head: (H, L).
+    """`last_token_qk_batch` of a single row: hidden (1, L, D) -> (H, L)."""
+    return last_token_qk_batch(layer, hidden, position_embeddings)[0]
 
-    hidden: (1, L, D), the layer's input (its `input_layernorm` is applied here); RoPE with the given
-    (cos, sin); grouped KV heads are repeated to the query heads.
+
+def last_token_qk_batch(layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """Scaled attention logits q(last) . k(all) / sqrt(d) of one decoder layer, per head: (B, H, L).
+
+    hidden: (B, L, D), the layer's input (its `input_layernorm` is applied here); RoPE with the given
+    (cos, sin); grouped KV heads are repeated to the query heads. Left-padded rows give logits over their
+    padding too; callers read only their own tokens.
     """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    length = x.shape[1]
-    q = attn.q_proj(x[:, -1:]).view(1, 1, -1, attn.head_dim).transpose(1, 2)  # (1, H, 1, d)
-    k = attn.k_proj(x).view(1, length, -1, attn.head_dim).transpose(1, 2)  # (1, Hkv, L, d)
+    batch, length = x.shape[:2]
+    q = attn.q_proj(x[:, -1:]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, d)
+    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)  # (B, Hkv, L, d)
     cos, sin = position_embeddings
     q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
     k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
-    return torch.einsum("hd,hld->hl", q[0, :, 0], k[0]) / math.sqrt(attn.head_dim)
+    return torch.einsum("bhd,bhld->bhl", q[:, :, 0], k) / math.sqrt(attn.head_dim)

@@ -12,22 +12,30 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .coarse import causal_mask
+from .coarse import left_padded
 from .geometry import grow_to_min_side
 from .types import CoarseState
 
-__all__ = ["roi_logits", "sink_mask", "blur3", "foreground_cells", "cells_to_box", "map_to_box"]
+__all__ = ["roi_logits_batch", "roi_logits", "sink_mask", "blur3", "foreground_cells", "cells_to_box", "map_to_box"]
 
 _SIGMA = 1.0
 
 
+def roi_logits_batch(branches, states: list[CoarseState], merged_hws: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Raw query-key logits of each last prompt token over its coarse image tokens, one (Hm, Wm) per state,
+    from one left-padded call of the RPN branch."""
+    batch = left_padded(states)
+    scores = branches.rpn_logits(batch.h_k, batch.mask, batch.position_embeddings)  # (B, L)
+    maps = []
+    for row, state, pad, hw in zip(scores, states, batch.pads, merged_hws):
+        start = pad + state.image_start
+        maps.append(row[start : start + state.num_visual].view(*hw))
+    return maps
+
+
 def roi_logits(branches, state: CoarseState, merged_hw: tuple[int, int]) -> torch.Tensor:
-    """Raw query-key logits of the last prompt token over the coarse image tokens, (Hm, Wm)."""
-    index = torch.arange(state.image_start, state.image_start + state.num_visual, device=state.h_k.device)
-    length = state.h_k.shape[1]
-    mask = causal_mask(length, length, state.h_k.dtype, state.h_k.device)
-    scores = branches.rpn_logits(state.h_k, mask, state.position_embeddings, index)
-    return scores.view(*merged_hw)
+    """`roi_logits_batch` of one state, (Hm, Wm)."""
+    return roi_logits_batch(branches, [state], [merged_hw])[0]
 
 
 def sink_mask(hm: int, wm: int, device=None) -> torch.Tensor:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .coarse import causal_mask, run_layers, truncated_cache
+from .coarse import prefill_rest
 from .types import CoarseState
 
-__all__ = ["ZoomInput", "encode_crop", "zoom_positions", "build_zoom_input", "splice_roi", "prefill_zoom", "forward_full"]
+__all__ = ["ZoomInput", "encode_crop", "zoom_positions", "build_zoom_input", "splice_roi", "prefill_zoom",
+           "prefill_zoom_batch", "forward_full"]
 
 
 @dataclass
@@ -108,24 +109,19 @@ def splice_roi(embeds: torch.Tensor, positions: torch.Tensor, image_start: int, 
 
 
 @torch.no_grad()
-def prefill_zoom(model, state: CoarseState, zin: ZoomInput):
-    """Second prefill reusing the pass-1 K/V of layers 0..K-1 for the unchanged prefix.
+def prefill_zoom_batch(model, states: list[CoarseState], zins: list[ZoomInput]):
+    """Second prefill of several fused sequences in one padded batch (`coarse.prefill_rest`), each reusing
+    its pass-1 K/V of layers 0..K-1 for its unchanged prefix.
 
-    Equivalent to a full forward of the stock LM over the fused sequence. Returns (last hidden state
-    after the final norm (1, D), cache holding all layers for the fused sequence).
+    Equivalent to a full forward of the stock LM over each fused sequence. Returns per row (last hidden
+    state after the final norm (1, D), cache holding all layers for the fused sequence).
     """
-    lm = model.model.language_model
-    k, p = state.branch_layer, zin.split
-    length = zin.embeds.shape[1]
-    cache = truncated_cache(model, state.cache, k, p)
-    cos, sin = lm.rotary_emb(zin.embeds, zin.positions)
-    dtype, dev = zin.embeds.dtype, zin.embeds.device
-    suffix = run_layers(
-        lm.layers[:k], zin.embeds[:, p:], causal_mask(length - p, length, dtype, dev), (cos[:, p:], sin[:, p:]), cache
-    )
-    h = torch.cat([state.h_k[:, :p], suffix], dim=1)
-    h = run_layers(lm.layers[k:], h, causal_mask(length, length, dtype, dev), (cos, sin), cache)
-    return lm.norm(h[:, -1]), cache
+    return prefill_rest(model, states, [z.embeds for z in zins], [z.positions for z in zins], [z.split for z in zins])
+
+
+def prefill_zoom(model, state: CoarseState, zin: ZoomInput):
+    """`prefill_zoom_batch` of one fused sequence."""
+    return prefill_zoom_batch(model, [state], [zin])[0]
 
 
 @torch.no_grad()
