@@ -340,15 +340,13 @@ class QZoomEngine:
         return [self._result(r, ids) for r, ids in zip(rows, self._decode(rows))]
 
     def _decode(self, rows: list[_Row]) -> list[list[int]]:
-        """Greedy tokens of every row from its prefill: the one place decoding runs (one batched call
-        taking all the rows goes here)."""
-        out = []
-        for row in rows:
-            p, pre = row.prepared, row.prefill
-            with _timed(row.timings, "decode"):
-                out.append(decode.greedy_decode(self.model, pre.hidden, pre.cache, pre.position, p.input_ids,
-                                                p.options.max_new_tokens, p.options.repetition_penalty))
-        return out
+        """Greedy tokens of every row from its prefill, all rows in one batched decode (a row that finishes
+        leaves the batch); the one place decoding runs."""
+        items = [decode.decode_item(self.model, r.prefill.hidden, r.prefill.cache, r.prefill.position,
+                                    r.prepared.input_ids, r.prepared.options.max_new_tokens,
+                                    r.prepared.options.repetition_penalty) for r in rows]
+        with _shared([r.timings for r in rows], "decode"):
+            return decode.decode_batch(self.model, items)
 
     def _handoff(self, row: _Row) -> ZoomPlan:
         """A row's plan as `route` returns it: with its timings and coarse features, for the zoom pass."""
