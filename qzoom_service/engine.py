@@ -17,8 +17,9 @@ once for the rows that need it: the coarse vision tower (images that miss the fe
 (trunk layers 0..K-1), the gate (auto rows), the RPN (rows whose gate opened), the crops' vision tower,
 the fused prefill (zooming rows) and the plain prefill's rest (direct rows), each one padded batch
 (padding lives in `coarse.py`). Each row equals a single call up to floating-point summation order; a
-batched stage's time is shared equally by its rows. Decoding still runs row by row (`_decode`). The
-training-free RoI (plain weights) batches its generic-prompt prefill; its map is read per row.
+batched stage's time is shared equally by its rows. Decoding runs every row of the batch together
+(`decode.decode_batch`; a finished row leaves). The training-free RoI (plain weights) batches its
+generic-prompt prefill; its map is read per row.
 """
 
 from __future__ import annotations
