@@ -6,7 +6,7 @@ import pytest
 
 from qzoom_service.errors import InvalidInput
 from qzoom_service.serve.run import plan_local
-from qzoom_service.serve.settings import SERVICER_FUNCTION
+from qzoom_service.serve.settings import HEALTH_SERVICER_FUNCTION, SERVICER_FUNCTION
 
 from ..helpers import free_port
 
@@ -45,7 +45,7 @@ def test_device_and_dtype_flags_win_over_the_file_and_the_servicer_is_registered
         "    args: {dtype: bfloat16, max_new_tokens: 9}\n"
     plan = _plan(tmp_path, config, dtype="float16", device="cpu")
     assert (plan.args["engine"]["dtype"], plan.args["engine"]["max_new_tokens"]) == ("float16", 9)
-    assert plan.config["grpc_options"]["grpc_servicer_functions"] == [SERVICER_FUNCTION]
+    assert plan.config["grpc_options"]["grpc_servicer_functions"] == [SERVICER_FUNCTION, HEALTH_SERVICER_FUNCTION]
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -124,9 +124,10 @@ def test_engine_variables_reach_serve_under_the_config_file_and_the_flags(tmp_pa
 
 
 def test_local_serve_turns_reflection_on_and_a_config_file_decides_for_itself(tmp_path):
-    _, _, grpc_options, _ = plan_local(environ={})
-    assert grpc_options["enable_reflection"] is True  # grpcurl works against `qzoom serve`
+    ports = dict(grpc_port=free_port(), http_port=free_port(), dashboard_port=free_port())
+    plan = plan_local(environ={}, **ports)
+    assert plan.config["grpc_options"]["enable_reflection"] is True  # grpcurl works against `qzoom serve`
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"grpc_options": {"enable_reflection": False}, "applications": [
         {"name": "qzoom", "import_path": "qzoom_service.serve.app:build_app", "args": {}}]}))
-    assert plan_local(config_path=str(config), environ={})[2]["enable_reflection"] is False
+    assert plan_local(config_path=str(config), environ={}, **ports).config["grpc_options"]["enable_reflection"] is False
