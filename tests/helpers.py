@@ -72,12 +72,12 @@ def running(argv: list[str], log, ready: str, *, timeout: float, env: dict | Non
 
 
 @contextmanager
-def qzoom_serve(log, *args: str, timeout: float = 240, env: dict | None = None):
+def qzoom_serve(log, *args: str, timeout: float = 240, env: dict | None = None, stop_wait: float = 60):
     """Run the real `qzoom serve` (embedded default unless `args` say otherwise) with its output in `log`;
-    yield its gRPC address once it says it is serving, stop it afterwards. `env`: extra environment
-    variables (`RAY_ADDRESS` joins an existing Ray cluster instead of starting one)."""
+    yield its gRPC address once it says it is serving, stop it afterwards (SIGKILL after `stop_wait` s).
+    `env`: extra environment variables (`RAY_ADDRESS` joins an existing Ray cluster instead of starting one)."""
     grpc_port, http_port = free_port(), free_port()
     argv = [sys.executable, "-m", "qzoom_service.cli", "serve", "--grpc-port", str(grpc_port),
             "--http-port", str(http_port), *args]
-    with running(argv, log, "qzoom serving gRPC on", timeout=timeout, env=env):
+    with running(argv, log, "qzoom serving gRPC on", timeout=timeout, env=env, stop_wait=stop_wait):
         yield f"127.0.0.1:{grpc_port}"

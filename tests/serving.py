@@ -76,5 +76,7 @@ def shared_service(workdir: Path):
         }],
     }))
     with _ray_head(workdir / "ray.log") as (ray_address, metrics_port, dashboard):
-        with qzoom_serve(workdir / "serve.log", "--config", str(config), env={"RAY_ADDRESS": ray_address}) as addr:
+        # The cluster goes down right after: no need to wait long for `qzoom serve` to undeploy in order.
+        with qzoom_serve(workdir / "serve.log", "--config", str(config), env={"RAY_ADDRESS": ray_address},
+                         stop_wait=5) as addr:
             yield SharedService(addr, workdir / "serve.log", ray_address, metrics_port, dashboard)
