@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidInput
+from .errors import InvalidInput, LimitExceeded
 
-__all__ = ["EngineConfig", "RequestOptions", "MODES", "MAX_BUDGET_TOKENS"]
+__all__ = ["EngineConfig", "RequestOptions", "MODES", "MAX_BUDGET_TOKENS", "check_visual_budget"]
 
 MODES = ("auto", "direct", "zoom")
 MAX_BUDGET_TOKENS = 16384  # largest pixel budget, in merged tokens (the qwen-vl-utils bound)
@@ -72,6 +72,16 @@ def _check_budget(name: str, lo: int | None, hi: int | None, factor: int | None)
         raise InvalidInput(f"{name}: minimum {lo} is larger than maximum {hi}")
 
 
+def check_visual_budget(options, config: "EngineConfig", factor: int) -> None:
+    """Refuse a maximum budget (`max_pixels`, `zoom_max_pixels`) over `config.max_visual_tokens` merged tokens."""
+    cap = config.max_visual_tokens * factor * factor
+    for name in ("max_pixels", "zoom_max_pixels"):
+        value = getattr(options, name)
+        if value is not None and value > cap:
+            raise LimitExceeded(f"{name}={value} pixels is {value // (factor * factor)} visual tokens; the server's "
+                                f"max_visual_tokens is {config.max_visual_tokens} ({cap} pixels)")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Load-time settings of one engine. Built once; unknown keys are rejected."""
@@ -92,6 +102,12 @@ class EngineConfig:
     max_image_bytes: int = 32 * 1024 * 1024
     max_question_chars: int = 4000
     max_batch_size: int = 8
+    # The cost model (checked in `preprocess.prepare`, before any model work).
+    max_prompt_tokens: int = 2048  # tokens of question + prompt_suffix, as the checkpoint's tokenizer counts
+    max_visual_tokens: int = 4096  # merged visual tokens of one view: caps max_pixels and zoom_max_pixels
+    # Enlarging an image past its own pixel count to a requested minimum budget costs tokens and shows nothing
+    # new; off: a request's minimum is lowered to the larger of the image's pixels and this engine's minimum.
+    allow_upscale: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -112,6 +128,9 @@ class EngineConfig:
             raise InvalidInput("max_image_pixels and max_image_bytes must be positive")
         if self.max_batch_size < 1:
             raise InvalidInput(f"max_batch_size must be >= 1; got {self.max_batch_size}")
+        if self.max_prompt_tokens < 1 or not (1 <= self.max_visual_tokens <= MAX_BUDGET_TOKENS):
+            raise InvalidInput(f"max_prompt_tokens must be >= 1 and max_visual_tokens in [1, {MAX_BUDGET_TOKENS}]; "
+                               f"got {self.max_prompt_tokens} and {self.max_visual_tokens}")
 
     def resolve(self, *, gate_threshold: float, roi_threshold: float, min_pixels: int, max_pixels: int,
                 reuse_src_pos: bool, factor: int) -> "EngineConfig":
@@ -131,6 +150,7 @@ class EngineConfig:
         RequestOptions(min_pixels=resolved.min_pixels, max_pixels=resolved.max_pixels,
                        zoom_min_pixels=resolved.zoom_min_pixels,
                        zoom_max_pixels=resolved.zoom_max_pixels).validate(factor)
+        check_visual_budget(resolved, resolved, factor)
         return resolved
 
     def check_device(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from qzoom_client.coords import input_size_for, to_original
 
@@ -18,10 +19,23 @@ from .errors import InvalidInput, LimitExceeded, NotFound
 from .geometry import fit_crop_box, validate_box
 from .types import Box
 
-__all__ = ["crop_box", "box_in_crop", "remember_crop", "crop_id_for", "baseline_tokens"]
+__all__ = ["crop_box", "box_in_crop", "remember_crop", "crop_id_for", "check_crop_id", "baseline_tokens"]
 
 # Tokens of the qwen-vl-utils pre-resize bounds, the model's limit at full resolution.
 _MIN_TOKENS, _MAX_TOKENS = 4, 16384
+_CROP_ID = re.compile(r"crop-[0-9a-f]{24}")
+
+
+def check_crop_id(crop_id: str) -> None:
+    """A crop_id is what `crop_id_for` makes; anything else is a caller's mistake, refused before any lookup."""
+    if not isinstance(crop_id, str) or not _CROP_ID.fullmatch(crop_id):
+        raise InvalidInput(f"crop_id {str(crop_id)[:80]!r} is not a crop handle ('crop-' and 24 hex digits, as "
+                           "ZoomRegion returns); send one from an earlier ZoomRegion, or none")
+
+
+def _record_key(crop_id: str) -> str:
+    # Crop records have their own namespace among the store's blobs: no other record is read as one.
+    return f"crop:{crop_id}"
 
 
 def crop_id_for(image_id: str, box: Box) -> str:
@@ -41,6 +55,7 @@ def crop_box(store, image_id: str, image_size, input_size, box, space: str, fact
         box = box_in_crop(store, crop_id, image_id, box, space)
     else:
         box = to_original(box, space, image_size, input_size)
+    box = validate_box(box, " once converted to original pixels")  # 1e308 in norm1 is inf in pixels
     # Snap float noise first: 500 of 1000 on 480 px maps to 239.99999999999997, which fit_crop_box's
     # truncation would turn into 239 (a crop one pixel taller than asked for).
     return fit_crop_box(tuple(round(v, 6) for v in box), image_size, min_side=factor)
@@ -48,7 +63,8 @@ def crop_box(store, image_id: str, image_size, input_size, box, space: str, fact
 
 def box_in_crop(store, crop_id: str, image_id: str, box, space: str) -> tuple[float, float, float, float]:
     """A box relative to an earlier crop -> original pixels (spaces relative to the crop's size)."""
-    raw = store.get_blob(crop_id)
+    check_crop_id(crop_id)
+    raw = store.get_blob(_record_key(crop_id))
     if raw is None:
         raise NotFound(f"unknown crop_id {crop_id!r}")
     record = json.loads(raw)
@@ -68,12 +84,12 @@ def remember_crop(store, image_id: str, box: Box, limit: int) -> str:
     returned unstored (it will answer NOT_FOUND later) and nothing is counted.
     """
     crop_id = crop_id_for(image_id, box)
-    if store.get_blob(crop_id) is not None:
+    if store.get_blob(_record_key(crop_id)) is not None:
         return crop_id
     if not store.count_within_limit(f"crops:{image_id}", limit):
         raise LimitExceeded(f"this image already has {limit} crops (the limit is {limit}); zoom into an "
                             "existing crop_id or answer from what you have")
-    store.put_blob(crop_id, json.dumps({"image_id": image_id, "box": list(box)}).encode())
+    store.put_blob(_record_key(crop_id), json.dumps({"image_id": image_id, "box": list(box)}).encode())
     return crop_id
 
 

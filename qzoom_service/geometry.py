@@ -17,8 +17,11 @@ __all__ = ["grow_to_min_side", "validate_box", "fit_crop_box", "MAX_ASPECT_RATIO
 MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's image processor refuses longer/thinner images
 
 
-def validate_box(box) -> tuple[float, float, float, float]:
-    """Reject boxes that are not four finite numbers with x1 < x2 and y1 < y2."""
+def validate_box(box, where: str = "") -> tuple[float, float, float, float]:
+    """Reject boxes that are not four finite numbers with x1 < x2 and y1 < y2.
+
+    `where`: what the box is when it is not the caller's own numbers (e.g. " once converted to original
+    pixels": a huge finite coordinate may overflow there)."""
     if len(box) != 4:
         raise InvalidInput(f"a box has 4 numbers (x1, y1, x2, y2); got {len(box)}")
     try:
@@ -26,9 +29,9 @@ def validate_box(box) -> tuple[float, float, float, float]:
     except (TypeError, ValueError):
         raise InvalidInput(f"box coordinates must be numbers; got {list(box)!r}") from None
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise InvalidInput(f"box coordinates must be finite; got {[x1, y1, x2, y2]}")
+        raise InvalidInput(f"box coordinates must be finite{where}; got {[x1, y1, x2, y2]}")
     if x2 <= x1 or y2 <= y1:
-        raise InvalidInput(f"box is empty or inverted: need x1 < x2 and y1 < y2; got {[x1, y1, x2, y2]}")
+        raise InvalidInput(f"box is empty or inverted{where}: need x1 < x2 and y1 < y2; got {[x1, y1, x2, y2]}")
     return x1, y1, x2, y2
 
 
@@ -78,6 +81,7 @@ def fit_crop_box(box, size, *, min_side: int, max_aspect: float = MAX_ASPECT_RAT
     feed them back to the model.
     """
     w0, h0 = size
+    box = validate_box(box, " in original pixels")  # int()/round() of inf would raise OverflowError
     x1, y1 = max(0, int(box[0])), max(0, int(box[1]))
     x2, y2 = min(w0, round(box[2])), min(h0, round(box[3]))
     if x2 - x1 < 1 or y2 - y1 < 1:

@@ -20,12 +20,16 @@ from PIL import Image, UnidentifiedImageError
 from qzoom_client.coords import preresize_bounds, smart_resize
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from .config import EngineConfig, RequestOptions
-from .errors import ImageTooLarge, InvalidInput
+from .config import EngineConfig, RequestOptions, check_visual_budget
+from .errors import ImageTooLarge, InvalidInput, LimitExceeded
 from .geometry import MAX_ASPECT_RATIO
 from .types import Prepared, Request
 
-__all__ = ["Processor", "prepare", "load_image", "resolve_options", "preresize"]
+__all__ = ["Processor", "prepare", "load_image", "resolve_options", "preresize", "without_upscale"]
+
+# No tokenizer's vocabulary averages more bytes per token over a long text (Qwen2's longest pieces are
+# whitespace runs); longer texts are refused before tokenizing them.
+_MAX_BYTES_PER_TOKEN = 32
 
 
 @dataclass
@@ -177,7 +181,32 @@ def resolve_options(options: RequestOptions, config: EngineConfig, factor: int) 
         zoom_max_pixels=zhi,
         max_new_tokens=options.max_new_tokens or config.max_new_tokens,
     )
+    check_visual_budget(filled, config, factor)
     return filled.validate(factor)
+
+
+def without_upscale(options: RequestOptions, config: EngineConfig, image_pixels: int) -> RequestOptions:
+    """Lower minimum budgets above both the image's own pixels and this engine's minimums (`allow_upscale` off).
+
+    A small image asked at a large minimum would be enlarged to it: tokens that show nothing new. The engine's
+    own minimums stay allowed, so a default request is resized exactly as the reference does."""
+    if config.allow_upscale:
+        return options
+    lo = min(options.min_pixels, max(image_pixels, config.min_pixels))
+    zlo = min(options.zoom_min_pixels, max(image_pixels, config.zoom_min_pixels or config.min_pixels))
+    return replace(options, min_pixels=lo, zoom_min_pixels=zlo)
+
+
+def check_prompt_tokens(text: str, processor: Processor, config: EngineConfig) -> None:
+    """Refuse question + prompt_suffix over `max_prompt_tokens` tokens (the prefill's cost grows with them)."""
+    limit = config.max_prompt_tokens
+    nbytes = len(text.encode("utf-8", "surrogatepass"))
+    if nbytes > limit * _MAX_BYTES_PER_TOKEN:  # too long to be worth tokenizing
+        raise LimitExceeded(f"question + prompt_suffix is {nbytes} bytes, over any {limit} tokens; the server's "
+                            f"max_prompt_tokens is {limit}")
+    count = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if count > limit:
+        raise LimitExceeded(f"question + prompt_suffix is {count} tokens; the server's max_prompt_tokens is {limit}")
 
 
 def preresize(image: Image.Image, factor: int) -> Image.Image:
@@ -195,8 +224,10 @@ def prepare(request: Request, processor: Processor, config: EngineConfig) -> Pre
         raise InvalidInput("question is empty")
     if len(question) > config.max_question_chars:
         raise InvalidInput(f"question has {len(question)} characters; the limit is {config.max_question_chars}")
+    check_prompt_tokens(question + request.options.prompt_suffix, processor, config)
     options = resolve_options(request.options, config, processor.factor)
     original = load_image(request.image, config, processor.factor)
+    options = without_upscale(options, config, original.width * original.height)
     pixel_values, grid = processor.encode_image(preresize(original, processor.factor), options.min_pixels,
                                                 options.max_pixels)
     num_visual = int(grid[0].prod()) // (processor.merge_size**2)

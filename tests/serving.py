@@ -23,6 +23,9 @@ from pathlib import Path
 
 import yaml
 
+from qzoom_service.config import EngineConfig
+from qzoom_service.serve.settings import GRPC_MESSAGE_LIMIT_ENV, grpc_message_limit
+
 from .helpers import free_port, qzoom_serve, running
 
 __all__ = ["SharedService", "shared_service", "use_session_ray_auth", "REQUEST_TIMEOUT_S", "RAY_CPUS"]
@@ -59,7 +62,9 @@ def _ray_head(log: Path, timeout: float = 120):
             f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
             f"--metrics-export-port={metrics_port}", f"--ray-client-server-port={free_port()}",
             "--disable-usage-stats"]
-    env = {"RAY_metrics_report_interval_ms": "500"}  # metrics tests poll the exporter
+    env = {"RAY_metrics_report_interval_ms": "500",  # metrics tests poll the exporter
+           # The gRPC proxy's message limit, as `qzoom serve` sets it on a cluster it starts itself.
+           GRPC_MESSAGE_LIMIT_ENV: str(grpc_message_limit(EngineConfig()))}
     with running(argv, log, "Ray runtime started", timeout=timeout, env=env, stop_wait=30):
         yield f"127.0.0.1:{port}", metrics_port, f"http://127.0.0.1:{dashboard_port}"
 

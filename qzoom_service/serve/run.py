@@ -29,16 +29,21 @@ import yaml
 
 from ..config import EngineConfig, nvidia_driver_present
 from ..errors import InvalidInput, Unavailable
-from .settings import APP_NAME, HEALTH_SERVICER_FUNCTION, IMPORT_PATH, SERVICER_FUNCTION, AppSettings
+from .settings import (APP_NAME, GRPC_MESSAGE_LIMIT_ENV, HEALTH_SERVICER_FUNCTION, IMPORT_PATH, SERVICER_FUNCTION,
+                       AppSettings, grpc_message_limit)
 
 __all__ = ["ServePlan", "serve_forever", "start_local", "load_serve_config", "plan_local", "wait_until_healthy",
-           "deploy", "undeploy", "wait_until_deployed"]
+           "deploy", "undeploy", "wait_until_deployed", "proxy_message_limit"]
 
 log = logging.getLogger("qzoom.serve")
 
-# Fits a 2-core machine: both deployments share one logical CPU.
-_LOCAL_DEPLOYMENTS = [{"name": "CoarseGate", "ray_actor_options": {"num_cpus": 0.5}},
-                      {"name": "Zoom", "ray_actor_options": {"num_cpus": 0.5}}]
+# Fits a 2-core machine: both deployments share one logical CPU. Backpressure by default: past the queue a
+# call answers RESOURCE_EXHAUSTED at once instead of waiting for the request timeout.
+_LOCAL_DEPLOYMENTS = [{"name": "CoarseGate", "ray_actor_options": {"num_cpus": 0.5},
+                       "max_ongoing_requests": 8, "max_queued_requests": 16},
+                      {"name": "Zoom", "ray_actor_options": {"num_cpus": 0.5},
+                       "max_ongoing_requests": 4, "max_queued_requests": 8}]
+_LOCAL_REQUEST_TIMEOUT_S = 60.0  # past this a call answers DEADLINE_EXCEEDED
 _DEPLOYMENT_KEYS = ("num_replicas", "max_ongoing_requests", "max_queued_requests", "autoscaling_config",
                     "ray_actor_options", "user_config", "health_check_period_s", "health_check_timeout_s",
                     "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s")
@@ -144,6 +149,7 @@ def plan_local(*, model=None, redis_url=None, grpc_port=None, http_port=None, ho
               "http_options": http, "grpc_options": _with_servicer(raw.get("grpc_options"))}
     if not config_path:  # local: grpcurl works; a config file (the chart's: off) decides for itself
         config["grpc_options"].setdefault("enable_reflection", True)
+        config["grpc_options"].setdefault("request_timeout_s", _LOCAL_REQUEST_TIMEOUT_S)
     if grpc_port is not None:
         config["grpc_options"]["port"] = grpc_port
     if http_port is not None:
@@ -389,6 +395,8 @@ def _start(plan: ServePlan) -> _Running:
     else:
         # Without SO_REUSEPORT a port taken after our check fails loudly instead of halving its traffic.
         os.environ.setdefault("SERVE_SOCKET_REUSE_PORT_ENABLED", "0")
+        # The proxy (a process of this new cluster) inherits it; a joined cluster needs it set on its nodes.
+        os.environ.setdefault(GRPC_MESSAGE_LIMIT_ENV, str(proxy_message_limit(plan)))
         context = ray.init(include_dashboard=True, dashboard_host=plan.host, dashboard_port=plan.dashboard_port,
                            _metrics_export_port=plan.metrics_port or _free_port(), log_to_driver=True)
     _check_resources(ray.cluster_resources(), plan.app.get("deployments", []))
@@ -401,6 +409,11 @@ def _start(plan: ServePlan) -> _Running:
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     return _Running(address, dashboard, node["MetricsExportPort"])
+
+
+def proxy_message_limit(plan: ServePlan) -> int:
+    """The gRPC proxy's message limit for this plan's qzoom application (`grpc_message_limit`)."""
+    return grpc_message_limit(AppSettings.from_dict(plan.args).engine)
 
 
 def _client_host(host: str) -> str:

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import re
 import time
 import uuid
 from typing import Awaitable, Callable
@@ -30,6 +31,8 @@ from .auth import check_api_key
 from .health import SERVICES, HealthState
 
 __all__ = ["QZoomServicer", "in_process", "answer_box"]
+
+_IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # hashlib.sha256(image bytes).hexdigest()
 
 log = logging.getLogger("ray.serve")  # the logger Ray Serve writes to replica logs; plain logging elsewhere
 
@@ -162,6 +165,9 @@ class QZoomServicer:
     def _image_bytes(self, request) -> tuple[bytes, str]:
         source = request.WhichOneof("source")
         if source == "image_id":
+            if not _IMAGE_ID.fullmatch(request.image_id):
+                raise InvalidInput(f"image_id {request.image_id[:80]!r} is not an image handle (64 lowercase hex "
+                                   "digits, the SHA-256 UploadImage returns)")
             data = self.store.get_image(request.image_id)
             if data is None:
                 raise NotFound(f"unknown image_id {request.image_id!r}: upload it first (or it expired)")

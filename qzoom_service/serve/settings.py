@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..config import EngineConfig
 from ..errors import InvalidInput
 
-__all__ = ["AppSettings", "build_engine", "APP_NAME", "IMPORT_PATH", "SERVICER_FUNCTION", "HEALTH_SERVICER_FUNCTION"]
+__all__ = ["AppSettings", "build_engine", "grpc_message_limit", "GRPC_MESSAGE_LIMIT_ENV", "APP_NAME", "IMPORT_PATH", "SERVICER_FUNCTION", "HEALTH_SERVICER_FUNCTION"]
 
 # What a Serve config names (here, not in app.py, so `qzoom serve` reads them without importing Ray).
 APP_NAME = "qzoom"
@@ -17,6 +17,11 @@ IMPORT_PATH = "qzoom_service.serve.app:build_app"
 SERVICER_FUNCTION = "qzoom_client._proto.qzoom.v1.qzoom_pb2_grpc.add_QZoomServiceServicer_to_server"
 # grpc.health.v1.Health, what Kubernetes' gRPC probes and grpc_health_probe call (answered by CoarseGate).
 HEALTH_SERVICER_FUNCTION = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
+# Ray 2.60's gRPC proxy takes its message limit (default 2 GiB) only from this variable, read when the proxy
+# process starts: it has to be in the environment of every Ray node (`qzoom serve`, the chart's pods).
+GRPC_MESSAGE_LIMIT_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+# Room for a request's other fields: the question and suffix are bounded in tokens, far below this.
+_GRPC_FRAMING_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,12 @@ class AppSettings:
         """What `from_dict` reads back (sent to every replica)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "engine"}
         return {**out, "engine": self.engine.to_dict()}
+
+
+def grpc_message_limit(engine: EngineConfig) -> int:
+    """Largest gRPC message worth receiving: the largest accepted image plus framing; larger ones are refused
+    by the proxy (RESOURCE_EXHAUSTED) before they are buffered whole."""
+    return engine.max_image_bytes + _GRPC_FRAMING_BYTES
 
 
 def build_engine(settings: AppSettings):

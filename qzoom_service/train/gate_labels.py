@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import EngineConfig, RequestOptions
+from ..config import MAX_BUDGET_TOKENS, EngineConfig, RequestOptions
 from ..errors import InvalidInput
 from ..synthetic import stable_seed
 from ..types import Request
@@ -187,7 +187,9 @@ def make_answer_ladders(loaded, records: list[Record], resolutions, *, prompt_su
     if zoom_top and not loaded.branches.has_rpn:
         raise InvalidInput("zoom_top needs a checkpoint with a trained SD-RPN (twig) branch: train stage 1 first")
     modes = ["direct"] * (len(res) - zoom_top) + ["zoom"] * zoom_top
-    engine = QZoomEngine(loaded, EngineConfig(max_new_tokens=max_new_tokens, max_batch_size=len(res)))
+    # The ladder is exact resolutions: a small image is enlarged to each rung, as the reference does.
+    engine = QZoomEngine(loaded, EngineConfig(max_new_tokens=max_new_tokens, max_batch_size=len(res),
+                                              allow_upscale=True, max_visual_tokens=MAX_BUDGET_TOKENS))
     token_pixels = loaded.factor**2
     ladders = []
     for record in tqdm(records, desc="gate-labels", disable=not progress):

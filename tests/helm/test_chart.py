@@ -787,3 +787,31 @@ def test_notes_name_the_client_only_command_health_and_metrics(case):
     text = notes(case)
     assert "pip install qzoom-client" in text and "qzoom-client health --addr localhost:9000" in text
     assert "grpc.health.v1" in text and "/metrics" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits: backpressure, the request timeout and the proxy's message size
+
+
+@pytest.mark.parametrize("case", ["default", "gpu-production.yaml"])
+def test_every_deployment_has_bounded_queues_and_the_proxy_a_request_timeout(case):
+    config = serve_config(case)
+    assert 0 < config["grpc_options"]["request_timeout_s"] <= 600
+    for d in config["applications"][0]["deployments"]:
+        assert d["max_ongoing_requests"] >= 1 and d["max_queued_requests"] >= 1, d
+
+
+def _message_limits(values: dict) -> set[str]:
+    manifests = _render(values)
+    spec = one(_objects(manifests), "RayService")["spec"]["rayClusterConfig"]
+    templates = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+    return {env_of(t["spec"]["containers"][0])["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]["value"] for t in templates}
+
+
+def test_every_ray_node_limits_grpc_messages_to_the_largest_accepted_image():
+    from qzoom_service.config import EngineConfig
+    from qzoom_service.serve.settings import grpc_message_limit
+
+    assert _message_limits({}) == {str(grpc_message_limit(EngineConfig()))}
+    raised = {"serve": {"extraArgs": {"max_image_bytes": 64 << 20}}}
+    assert _message_limits(raised) == {str(grpc_message_limit(EngineConfig(max_image_bytes=64 << 20)))}

@@ -10,7 +10,7 @@ from PIL import Image
 
 from qzoom_service.config import EngineConfig, RequestOptions
 from qzoom_service.engine import QZoomEngine
-from qzoom_service.errors import ImageTooLarge, InvalidInput
+from qzoom_service.errors import ImageTooLarge, InvalidInput, LimitExceeded
 from qzoom_service.types import Request
 
 from ..helpers import TINY_BUDGET, make_image, png
@@ -89,3 +89,41 @@ def test_bad_engine_config_is_rejected():
     with pytest.raises(InvalidInput, match="QZOOM_MAX_NEW_TOKENS='many'"):
         EngineConfig.from_env({"QZOOM_MAX_NEW_TOKENS": "many"})
     assert EngineConfig.from_env({"QZOOM_DEVICE": "cuda", "QZOOM_REUSE_SRC_POS": "false"}).reuse_src_pos is False
+
+
+# -- the cost model: what a request may make the model encode ------------------------------------------------
+
+
+def _visual_tokens(prepared) -> int:
+    return int(prepared.grid_thw[0].prod()) // prepared.merge_size**2
+
+
+def test_a_small_image_is_not_enlarged_past_its_pixels_and_the_engines_minimum(tiny_loaded):
+    f2 = tiny_loaded.factor**2
+    big = RequestOptions(min_pixels=144 * f2, max_pixels=144 * f2, zoom_min_pixels=144 * f2, zoom_max_pixels=144 * f2)
+    tiny, mid = png(make_image(12, 12)), png(make_image(10 * tiny_loaded.factor, 10 * tiny_loaded.factor))
+    engine = QZoomEngine(tiny_loaded, EngineConfig(**TINY_BUDGET))
+    at_minimum = engine.prepare(Request(tiny, "q?", big))
+    assert _visual_tokens(at_minimum) == 64  # the engine's own minimum stays allowed (the reference's resize)
+    assert at_minimum.options.zoom_min_pixels == TINY_BUDGET["min_pixels"]
+    own_size = engine.prepare(Request(mid, "q?", big))
+    assert _visual_tokens(own_size) == 100 and own_size.options.min_pixels == 100 * f2
+    upscaling = QZoomEngine(tiny_loaded, EngineConfig(allow_upscale=True, **TINY_BUDGET))
+    assert _visual_tokens(upscaling.prepare(Request(tiny, "q?", big))) == 144
+
+
+def test_cost_limits_are_refused_before_model_work_and_named(spy_engine):
+    engine, calls = spy_engine
+    with pytest.raises(LimitExceeded, match="max_prompt_tokens is 2048"):
+        engine.answer([Request(GOOD, "q?", RequestOptions(prompt_suffix="ab" * 2100))])
+    with pytest.raises(LimitExceeded, match="max_visual_tokens is 4096"):
+        engine.answer([Request(GOOD, "q?", RequestOptions(max_pixels=4097 * engine.loaded.factor**2))])
+    assert calls == [] and LimitExceeded.code == "RESOURCE_EXHAUSTED"
+
+
+def test_cost_limits_are_validated_in_the_engine_config(tiny_loaded):
+    with pytest.raises(InvalidInput, match="max_visual_tokens in"):
+        EngineConfig(max_visual_tokens=0)
+    with pytest.raises(LimitExceeded, match="max_pixels=.*max_visual_tokens is 10"):
+        QZoomEngine(tiny_loaded, EngineConfig(max_visual_tokens=10, **TINY_BUDGET))
+    assert EngineConfig.from_env({"QZOOM_ALLOW_UPSCALE": "true", "QZOOM_MAX_PROMPT_TOKENS": "64"}).allow_upscale

@@ -194,8 +194,63 @@ def test_bad_zoom_regions_get_their_status_code(service):
         assert (got, text in details) == (grpc.StatusCode.INVALID_ARGUMENT, True), (text, got, details)
     code, details = status(service, "ZoomRegion", _zoom("f" * 64))
     assert code == grpc.StatusCode.NOT_FOUND and "unknown image_id" in details
-    code, details = status(service, "ZoomRegion", _zoom(kept, (0, 0, 1, 1), pb.COORD_SPACE_NORM1, crop_id="crop-x"))
+    code, details = status(service, "ZoomRegion", _zoom(kept, (0, 0, 1, 1), pb.COORD_SPACE_NORM1,
+                                                        crop_id="crop-" + "0" * 24))
     assert code == grpc.StatusCode.NOT_FOUND and "unknown crop_id" in details
+
+
+# -- the cost model and caller mistakes found by the audit (each was INTERNAL or ran for minutes before) -------
+
+
+@pytest.fixture
+def limited(tiny_loaded, store):
+    """A servicer with small prompt and visual-token limits; the vision tower counts its calls."""
+    config = EngineConfig(max_new_tokens=4, max_prompt_tokens=40, max_visual_tokens=200, **TINY_BUDGET)
+    return in_process(QZoomEngine(tiny_loaded, config, feature_cache=InProcessCache()), store)
+
+
+def test_prompts_over_the_token_limit_are_refused_naming_the_limit(limited):
+    cases = [
+        _answer(question="q?", prompt_suffix="a" * 60, mode=pb.MODE_DIRECT),  # the suffix counts too
+        _answer(question="q" * 41),
+        _answer(question="\U0001F642" * 30),  # 30 characters, 120 bytes: more tokens than characters
+        _answer(question="q?", prompt_suffix="a" * 16_000),  # refused before it is tokenized
+    ]
+    for request in cases:
+        code, details = status(limited, "Answer", request)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_prompt_tokens is 40" in details, details
+    code, details = status(limited, "Answer", _answer(question="q?", prompt_suffix=" ok", mode=pb.MODE_DIRECT))
+    assert code == grpc.StatusCode.OK, details
+
+
+def test_budgets_over_the_visual_token_cap_are_refused_naming_the_cap(limited, tiny_loaded):
+    f2 = tiny_loaded.factor ** 2
+    for options in (dict(max_pixels=201 * f2), dict(zoom_max_pixels=16384 * f2)):
+        code, details = status(limited, "Answer", _answer(**options))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_visual_tokens is 200" in details, (options, details)
+    code, details = status(limited, "Answer", _answer(max_pixels=200 * f2, mode=pb.MODE_DIRECT))
+    assert code == grpc.StatusCode.OK, details
+
+
+def test_malformed_handles_are_invalid_argument_before_any_lookup(service):
+    kept = _upload(service)
+    for image_id in ("0" * 63, "F" * 64, "blob:crop-" + "0" * 24, "../" + "0" * 61):
+        for method, request in (("Answer", _answer(image_id=image_id)), ("ZoomRegion", _zoom(image_id))):
+            code, details = status(service, method, request)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "not an image handle" in details, (method, details)
+    for crop_id in ("crop-x", "crop-count-" + kept, kept, "crop-" + "g" * 24):
+        code, details = status(service, "ZoomRegion", _zoom(kept, (0, 0, 1, 1), pb.COORD_SPACE_NORM1, crop_id=crop_id))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a crop handle" in details, details
+
+
+def test_boxes_that_overflow_once_converted_are_invalid_argument(service):
+    kept = _upload(service)
+    crop_id = call(service, "ZoomRegion", _zoom(kept, (0, 0, 320, 240)))[0].crop_id
+    for request in (_zoom(kept, (0, 0, 1e308, 1), pb.COORD_SPACE_NORM1),
+                    _zoom(kept, (1e307, 0, 1e308, 1), pb.COORD_SPACE_NORM1, crop_id=crop_id),
+                    _zoom(kept, (0, 0, 1.7e308, 10), pb.COORD_SPACE_INPUT)):
+        code, details = status(service, "ZoomRegion", request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "once converted to original pixels" in details, details
 
 
 # -- crops ----------------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ spec:
           value: /home/ray/.cache
         - name: HF_HOME
           value: /home/ray/.cache/huggingface
+        - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+          value: {{ include "qzoom.grpcMessageLimit" $ | quote }}
         {{- if $v.model.pvc.claimName }}
         # Weights are local: never reach for the hub.
         - name: HF_HUB_OFFLINE

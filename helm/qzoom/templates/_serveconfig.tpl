@@ -50,3 +50,12 @@ applications:
           target_ongoing_requests: {{ $d.autoscaling.targetOngoingRequests | toJson }}
       {{- end }}
 {{- end -}}
+
+{{/*
+The gRPC proxy's message limit in bytes: the largest accepted image (EngineConfig.max_image_bytes, 32 MiB
+unless extraArgs sets max_image_bytes) plus 1 MiB of framing (qzoom_service.serve.settings.grpc_message_limit).
+Ray 2.60 reads it only from RAY_SERVE_GRPC_MAX_MESSAGE_SIZE on every node; larger messages are refused unread.
+*/}}
+{{- define "qzoom.grpcMessageLimit" -}}
+{{- add (int (dig "max_image_bytes" 33554432 .Values.serve.extraArgs)) 1048576 -}}
+{{- end -}}
