@@ -97,3 +97,44 @@ def test_a_box_relative_to_a_crop_that_overflows_is_invalid_input(store):
         crops.crop_box(store, IMAGE, SIZE, INPUT, (1e307, 0, 1e308, 1), "norm1", FACTOR, crop_id=crop_id)
     with pytest.raises(InvalidInput, match="empty or inverted once converted"):  # starts past the crop's end
         crops.crop_box(store, IMAGE, SIZE, INPUT, (1e300, 0, 1e308, 10), "original", FACTOR, crop_id=crop_id)
+
+
+def test_the_same_crop_gets_the_same_handle_and_is_not_counted_twice(store):
+    first = crops.remember_crop(store, IMAGE, (0, 0, 60, 60), limit=2)
+    assert crops.remember_crop(store, IMAGE, (0, 0, 60, 60), limit=2) == first
+    second = crops.remember_crop(store, IMAGE, (10, 0, 70, 60), limit=2)
+    assert second != first and second.startswith("crop-")
+    with pytest.raises(LimitExceeded, match="limit is 2.*existing crop_id"):
+        crops.remember_crop(store, IMAGE, (20, 0, 80, 60), limit=2)
+    assert crops.remember_crop(store, IMAGE, (10, 0, 70, 60), limit=2) == second  # still usable
+    assert crops.remember_crop(store, "cd" * 32, (20, 0, 80, 60), limit=2)  # other images count apart
+
+
+def test_concurrent_new_crops_never_pass_the_quota(store):
+    barrier = threading.Barrier(8)
+    outcomes = []
+
+    def work(t):
+        barrier.wait()
+        for i in range(5):
+            try:
+                outcomes.append(crops.remember_crop(store, IMAGE, (t * 10 + i, 0, t * 10 + i + 30, 30), limit=12))
+            except LimitExceeded:
+                outcomes.append(None)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    stored = [c for c in outcomes if c is not None]
+    assert len(stored) == 12 and len(set(stored)) == 12
+    for c in stored:  # every handle granted is usable: its record was stored
+        crops.box_in_crop(store, c, IMAGE, (0, 0, 1, 1), "norm1")
+
+
+@pytest.mark.parametrize("size,factor,tokens", [((640, 480), 28, 23 * 17), ((28, 28), 28, 4),
+                                                ((20000, 20000), 28, 127 * 127), ((640, 480), 32, 20 * 15)])
+def test_baseline_tokens_are_the_full_resolution_grid_of_the_models_factor(size, factor, tokens):
+    # 20000 px squared is capped at 16384 tokens: the largest square grid under it is 127 x 127.
+    assert crops.baseline_tokens(size, factor) == tokens
