@@ -153,6 +153,8 @@ def test_bad_answers_get_their_status_code(service):
         (_answer(question="  "), grpc.StatusCode.INVALID_ARGUMENT, "question is empty"),
         (_answer(gate_threshold=2.0), grpc.StatusCode.INVALID_ARGUMENT, "gate_threshold"),
         (_answer(mode=42), grpc.StatusCode.INVALID_ARGUMENT, "unknown mode"),
+        # The image processor's aspect-ratio limit (it raised a bare ValueError: INTERNAL).
+        (_answer(image=png(Image.new("RGB", (8000, 30)))), grpc.StatusCode.INVALID_ARGUMENT, "aspect ratio of 286"),
     ]
     for request, code, text in cases:
         got, details = status(service, "Answer", request)
