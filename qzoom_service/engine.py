@@ -7,8 +7,8 @@ Three entry points:
 - `answer(requests)`: the whole pipeline in-process (CLI, tests, a single-deployment server).
 - `route(requests)`: the cheap half for a coarse+gate server. Direct answers are decoded here; requests
   that need the zoom come back as a `ZoomPlan` (box, gate score, map) for a zoom server.
-- `zoom_batch([(request, plan)])` / `zoom(request, plan)`: the zoom half. It rebuilds the coarse prefix from the coarse vision features the
-  plan carries (or, for an explicit box, the cached or freshly encoded ones) rather than receiving the
+- `zoom_batch([(request, plan), ...])` (`zoom(request, plan)`: a batch of one): the zoom half. It rebuilds
+  the coarse prefix from the coarse vision features the plan carries (or, for an explicit box, the cached or freshly encoded ones) rather than receiving the
   layer 0..K-1 K/V over the network, then runs the fused prefill. A zoom server receives the prepared
   request (`for_zoom`: no coarse pixels) and the plan, so the image is decoded and encoded once.
 
