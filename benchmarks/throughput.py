@@ -17,6 +17,7 @@ import io
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import statistics
@@ -121,8 +122,10 @@ def serving(model: str | None, workdir: Path):
     serve = [sys.executable, "-m", "qzoom_service.cli", "serve", "--grpc-port", str(grpc_port),
              "--http-port", str(free_port()), "--dashboard-port", str(free_port()), "--host", "127.0.0.1"]
     serve += ["--model", model] if model else []
-    with started(head, workdir / "ray.log", "Ray runtime started"):
-        with started(serve, workdir / "serve.log", "qzoom serving gRPC on", env={"RAY_ADDRESS": f"127.0.0.1:{port}"}):
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # a token of this run's own
+    with started(head, workdir / "ray.log", "Ray runtime started", env=auth):
+        with started(serve, workdir / "serve.log", "qzoom serving gRPC on",
+                     env={**auth, "RAY_ADDRESS": f"127.0.0.1:{port}"}):
             yield f"127.0.0.1:{grpc_port}"
 
 
