@@ -7,8 +7,8 @@ Three entry points:
 - `answer(requests)`: the whole pipeline in-process (CLI, tests, a single-deployment server).
 - `route(requests)`: the cheap half for a coarse+gate server. Direct answers are decoded here; requests
   that need the zoom come back as a `ZoomPlan` (box, gate score, map) for a zoom server.
-- `zoom(request, plan)`: the zoom half. It rebuilds the coarse prefix from the coarse vision features the
-  plan carries (or, for an explicit box, the cached or freshly encoded ones) rather than receiving the
+- `zoom_batch([(request, plan), ...])` (`zoom(request, plan)`: a batch of one): the zoom half. It rebuilds
+  the coarse prefix from the coarse vision features the plan carries (or, for an explicit box, the cached or freshly encoded ones) rather than receiving the
   layer 0..K-1 K/V over the network, then runs the fused prefill. A zoom server receives the prepared
   request (`for_zoom`: no coarse pixels) and the plan, so the image is decoded and encoded once.
 
@@ -33,7 +33,7 @@ import torch
 
 from . import attention_roi, decode, gate, rpn, zoom
 from .cache import CoarseFeatures, FeatureKey
-from .coarse import encode_images, prefill_batch_to_k, prefill_rest, prefill_to_k
+from .coarse import encode_images, prefill_batch_to_k, prefill_rest
 from .config import EngineConfig
 from .errors import InvalidInput
 from .geometry import fit_crop_box
@@ -145,22 +145,31 @@ class QZoomEngine:
 
     @torch.inference_mode()
     def zoom(self, request: Request | Prepared, plan: ZoomPlan) -> Result:
-        """Zoom pass for a plan from `route` (or an explicit box); rebuilds the coarse prefix first.
+        """Zoom pass for one plan from `route` (or an explicit box): `zoom_batch` of one."""
+        return self.zoom_batch([(request, plan)])[0]
 
-        With the plan's coarse features no vision tower runs here, and `cache_hit` is the coarse pass's (the
-        only lookup made); without them this pass looks up or encodes its own and reports that.
+    @torch.inference_mode()
+    def zoom_batch(self, items: list[tuple[Request | Prepared, ZoomPlan]]) -> list[Result]:
+        """Zoom pass for (request, plan) pairs; rebuilds each coarse prefix first, pass 1 as one padded batch.
+
+        With a plan's coarse features no vision tower runs for it, and `cache_hit` is the coarse pass's (the
+        only lookup made); the plans without them share one lookup-or-encode and report that.
         """
-        if plan.coarse is None:
-            ((p, embeds, timings, hit),) = self._coarse_batch([request])
-        else:
-            p, embeds, timings, hit = self._travelled(request, plan)
-        for name, ms in plan.timings_ms:
-            timings[f"coarse.{name}"] = ms
-        row = _Row(p, embeds, timings, hit, gate_score=plan.gate_score, plan=plan)
-        with _timed(timings, "prefill_k"):
-            row.state = prefill_to_k(self.model, p, embeds, self.loaded.branch_layer)
-        self._zoom_prefill([row])
-        return self._finish([row])[0]
+        own = [i for i, (_, plan) in enumerate(items) if plan.coarse is None]
+        coarse = dict(zip(own, self._coarse_batch([items[i][0] for i in own]))) if own else {}
+        rows = []
+        for i, (request, plan) in enumerate(items):
+            p, embeds, timings, hit = coarse[i] if i in coarse else self._travelled(request, plan)
+            for name, ms in plan.timings_ms:
+                timings[f"coarse.{name}"] = ms
+            rows.append(_Row(p, embeds, timings, hit, gate_score=plan.gate_score, plan=plan))
+        with _shared([r.timings for r in rows], "prefill_k"):
+            states = prefill_batch_to_k(self.model, [r.prepared for r in rows], [r.embeds for r in rows],
+                                        self.loaded.branch_layer)
+        for row, state in zip(rows, states):
+            row.state = state
+        self._zoom_prefill(rows)
+        return self._finish(rows)
 
     def plan_for_box(self, request: Request | Prepared, box) -> ZoomPlan:
         """A `ZoomPlan` for an explicit box in original pixels (clamped, grown to >= one merged token per side)."""

@@ -2,14 +2,14 @@
 
 It answers the direct route itself and hands zoom plans to the `Zoom` deployment, so the cheap pass
 and the RoI re-decode scale apart. Method names equal the RPC names (Ray Serve dispatches on them), those
-of `grpc.health.v1.Health` (`Check`, `Watch`) included. What is Ray's stays here: dynamic batching of the
-coarse pass (`serve.batch`), the Zoom handle, turning its exceptions (a typed error wrapped in a
-RayTaskError, a full queue's BackPressureError) into typed errors, and Ray's replica health check.
+of `grpc.health.v1.Health` (`Check`, `Watch`) included. What is the deployment's stays here: dynamic
+batching of the coarse pass (`batching.QueueBatcher`; why not `serve.batch`: see batching.py), the Zoom
+handle, turning its exceptions (a typed error wrapped in a RayTaskError, a full queue's BackPressureError)
+into typed errors, and Ray's replica health check.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from ray import serve
@@ -17,6 +17,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from ..errors import Overloaded, QZoomError
+from .batching import QueueBatcher, coarse_tokens
 from .metrics import ServiceMetrics
 from .servicer import QZoomServicer
 from .settings import AppSettings, build_engine
@@ -26,16 +27,20 @@ __all__ = ["CoarseGate"]
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment(name="CoarseGate", ray_actor_options={"num_cpus": 0.5})
+# max_ongoing_requests: Ray's default (5) would cap a batch at 5 and queue the rest in the proxy.
+@serve.deployment(name="CoarseGate", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class CoarseGate:
     def __init__(self, zoom_handle, settings: dict):
         self.settings = AppSettings.from_dict(settings)
         engine, cache = build_engine(self.settings)
         self.zoom = zoom_handle
-        self._route_batch.set_max_batch_size(self.settings.engine.max_batch_size)
-        self._route_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        # Dynamic batching of the coarse pass: one vision-tower call for the batch's cache misses.
+        self.route_batcher = QueueBatcher(
+            engine.route, max_batch_size=self.settings.engine.max_batch_size,
+            max_cost=self.settings.max_batch_visual_tokens, cost=coarse_tokens,
+            wait_s=self.settings.batch_wait_timeout_s)
         self.servicer = QZoomServicer(
-            engine, cache, zoom_plan=self._zoom_plan, answer_box=self._answer_box, route=self._route_batch,
+            engine, cache, zoom_plan=self._zoom_plan, answer_box=self._answer_box, route=self.route_batcher,
             api_keys=self.settings.api_keys(), max_crops_per_image=self.settings.max_crops_per_image,
             metrics=ServiceMetrics(),
         )
@@ -71,11 +76,6 @@ class CoarseGate:
             raise RuntimeError(f"CoarseGate replica cannot serve: {self.servicer.health.fatal}")
 
     # -- what the servicer calls --------------------------------------------------------------------
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _route_batch(self, prepared: list):
-        """Dynamic batching of the coarse pass: one vision-tower call for the batch's cache misses."""
-        return await asyncio.to_thread(self.servicer.engine.route, prepared)
 
     async def _zoom_plan(self, prepared, plan):
         return await _typed(self.zoom.zoom.remote(prepared, plan))

@@ -42,8 +42,10 @@ class AppSettings:
     cache_max_bytes: int = 512 << 20  # in-process cache only; bound Redis with its own maxmemory
     cache_prefix: str = "qzoom:"
     api_keys_env: str = "QZOOM_API_KEYS"  # env var with comma-separated keys; unset/empty = auth off
-    batch_wait_timeout_s: float = 0.01
+    # How long a dynamic batch that is not full waits for company (0: it runs when the replica is free).
+    batch_wait_timeout_s: float = 0.0
     max_crops_per_image: int = 64
+    max_batch_visual_tokens: int = 8192  # a dynamic batch's summed coarse visual tokens (a larger image runs alone)
 
     @classmethod
     def from_dict(cls, args: dict | None) -> "AppSettings":
@@ -65,6 +67,8 @@ class AppSettings:
         settings = cls(**args, engine=EngineConfig.from_dict(engine))
         if settings.batch_wait_timeout_s < 0:
             raise InvalidInput(f"batch_wait_timeout_s must be >= 0; got {settings.batch_wait_timeout_s}")
+        if settings.max_batch_visual_tokens < 1:
+            raise InvalidInput(f"max_batch_visual_tokens must be >= 1; got {settings.max_batch_visual_tokens}")
         return settings
 
     def api_keys(self) -> frozenset[str]:
