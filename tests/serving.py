@@ -65,7 +65,8 @@ def _ray_head(log: Path, timeout: float = 120):
     env = {"RAY_metrics_report_interval_ms": "500",  # metrics tests poll the exporter
            # The gRPC proxy's message limit, as `qzoom serve` sets it on a cluster it starts itself.
            GRPC_MESSAGE_LIMIT_ENV: str(grpc_message_limit(EngineConfig()))}
-    with running(argv, log, "Ray runtime started", timeout=timeout, env=env, stop_wait=30):
+    # The session is over when this stops: a short orderly stop, then the whole process group goes.
+    with running(argv, log, "Ray runtime started", timeout=timeout, env=env, stop_wait=5):
         yield f"127.0.0.1:{port}", metrics_port, f"http://127.0.0.1:{dashboard_port}"
 
 

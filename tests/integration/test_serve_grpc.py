@@ -72,7 +72,6 @@ def service(qzoom_service, tiny_checkpoint):
         "secured": (base, {"CoarseGate": {"ray_actor_options": {
             "num_cpus": 0.25, "runtime_env": {"env_vars": {"QZOOM_API_KEYS": KEYS}}}}}),
         "noredis": ({**base, "redis_url": "redis://127.0.0.1:1/0"}, {}),
-        "busy": (base, {"CoarseGate": {**small, "max_ongoing_requests": 1, "max_queued_requests": 2}}),
         # Each request a few times slower than on `main` (a larger coarse view), one at a time.
         "slow": ({**base, "min_pixels": 400 * 784, "max_pixels": 400 * 784},
                  {"CoarseGate": {**small, "max_ongoing_requests": 1}}),
@@ -212,12 +211,6 @@ def _flood(service, app: str, n: int, request=None) -> list[tuple[grpc.StatusCod
     request = request or _answer(mode=pb.MODE_DIRECT)
     with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
         return list(pool.map(lambda _: service.status("Answer", request, app=app, timeout=60), range(n)))
-
-
-def test_a_full_queue_answers_resource_exhausted_and_the_service_recovers(service):
-    codes = [code for code, _ in _flood(service, "busy", 16)]
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
-    assert service.status("Answer", _answer(mode=pb.MODE_DIRECT), app="busy")[0] == grpc.StatusCode.OK
 
 
 def test_a_full_zoom_queue_answers_resource_exhausted(service):
