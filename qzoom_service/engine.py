@@ -163,11 +163,7 @@ class QZoomEngine:
             for name, ms in plan.timings_ms:
                 timings[f"coarse.{name}"] = ms
             rows.append(_Row(p, embeds, timings, hit, gate_score=plan.gate_score, plan=plan))
-        with _shared([r.timings for r in rows], "prefill_k"):
-            states = prefill_batch_to_k(self.model, [r.prepared for r in rows], [r.embeds for r in rows],
-                                        self.loaded.branch_layer)
-        for row, state in zip(rows, states):
-            row.state = state
+        self._prefill_to_k(rows)
         self._zoom_prefill(rows)
         return self._finish(rows)
 
@@ -247,14 +243,18 @@ class QZoomEngine:
             self.feature_cache.put_features(key, CoarseFeatures(embeds=embeds.detach().cpu(), grid_thw=p.grid_thw))
 
     def _pass_one(self, requests) -> list[_Row]:
-        """`_coarse_batch` plus pass 1 for the whole batch in one left-padded forward."""
+        """`_coarse_batch` plus pass 1 for the whole batch."""
         rows = [_Row(p, embeds, timings, hit) for p, embeds, timings, hit in self._coarse_batch(requests)]
+        self._prefill_to_k(rows)
+        return rows
+
+    def _prefill_to_k(self, rows: list[_Row]) -> None:
+        """Pass 1 (trunk layers 0..K-1) for the rows in one left-padded forward."""
         with _shared([r.timings for r in rows], "prefill_k"):
             states = prefill_batch_to_k(self.model, [r.prepared for r in rows], [r.embeds for r in rows],
                                         self.loaded.branch_layer)
         for row, state in zip(rows, states):
             row.state = state
-        return rows
 
     def _gate(self, rows: list[_Row]) -> None:
         """Gate scores of the auto rows in one call."""
