@@ -19,7 +19,8 @@ __all__ = ["QueueBatcher", "split_by_cost", "coarse_tokens"]
 
 def coarse_tokens(prepared) -> int:
     """A request's cost in a batch: the merged visual tokens of its coarse image (a `Prepared`)."""
-    return int(prepared.grid_thw[0].prod()) // prepared.merge_size ** 2
+    rows, cols = prepared.merged_hw
+    return rows * cols
 
 
 def split_by_cost(costs: Sequence[int], max_batch_size: int, max_cost: int) -> list[list[int]]:
