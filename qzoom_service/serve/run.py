@@ -313,24 +313,22 @@ def deploy(dashboard: str, config: dict) -> None:
 
     `PUT /api/serve/applications/` replaces the whole Serve config, so the running one is read back
     first; top-level options absent from `config` stay as they run."""
-    client = _client(dashboard)
-    running = client.get_serve_details()
-    names = {a["name"] for a in config["applications"]}
-    kept = [a["deployed_app_config"] for name, a in (running.get("applications") or {}).items()
-            if name not in names and a.get("deployed_app_config")]
-    merged = {**{k: running[k] for k in ("proxy_location", "http_options", "grpc_options") if running.get(k)},
-              **config, "applications": [*kept, *config["applications"]]}
-    client.deploy_applications(merged)
+    _put(dashboard, config, drop={a["name"] for a in config["applications"]})
 
 
 def undeploy(dashboard: str, names: set[str]) -> None:
     """Remove these applications, keeping the others (declaratively, as `deploy`)."""
+    _put(dashboard, {"applications": []}, drop=names)
+
+
+def _put(dashboard: str, config: dict, drop: set[str]) -> None:
+    """The running Serve config without the applications named in `drop`, with `config` on top, PUT back."""
     client = _client(dashboard)
     running = client.get_serve_details()
     kept = [a["deployed_app_config"] for name, a in (running.get("applications") or {}).items()
-            if name not in names and a.get("deployed_app_config")]
-    client.deploy_applications({**{k: running[k] for k in ("proxy_location", "http_options", "grpc_options")
-                                   if running.get(k)}, "applications": kept})
+            if name not in drop and a.get("deployed_app_config")]
+    options = {k: running[k] for k in ("proxy_location", "http_options", "grpc_options") if running.get(k)}
+    client.deploy_applications({**options, **config, "applications": [*kept, *config["applications"]]})
 
 
 def wait_until_deployed(dashboard: str, names, timeout_s: float = 300.0) -> None:
